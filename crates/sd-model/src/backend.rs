@@ -1,0 +1,210 @@
+//! The execution-backend trait every executor implements.
+//!
+//! Operations are deliberately coarse (a linear layer with its precision-plan entry, a
+//! modulated layer norm, a whole multi-head attention) so that a GPU backend can fuse
+//! each into one or two kernels, an observer can see every linear input by layer name,
+//! and a tracer can emit one ONNX node group per call. Tensors are row-major; the model
+//! code never looks at values, only at shapes, so a symbolic backend works too.
+
+use crate::error::Result;
+use crate::plan::LinearQuant;
+use crate::tensor::HostTensor;
+use crate::weights::WeightTensor;
+
+/// What a backend needs to prepare one linear layer.
+#[derive(Clone, Debug)]
+pub struct LinearSpec {
+    /// Full parameter prefix, e.g. `transformer_blocks.0.attn.to_q`; the key of the
+    /// precision plan and of calibration records.
+    pub name: String,
+    pub in_features: usize,
+    pub out_features: usize,
+    pub quant: LinearQuant,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Activation {
+    /// x * sigmoid(x)
+    Silu,
+    /// Exact (erf) GELU.
+    Gelu,
+    /// tanh-approximated GELU (`gelu-approximate`, `gelu_new`).
+    GeluTanh,
+    /// x * sigmoid(1.702 x), CLIP-L's activation.
+    QuickGelu,
+    /// max(x, 0)
+    Relu,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct Conv2dParams {
+    pub stride: usize,
+    pub padding: usize,
+}
+
+/// A multi-head attention over packed heads: q `[B, Sq, H*D]`, k and v `[B, Sk, H*D]`.
+#[derive(Debug)]
+pub struct AttentionParams<'a, T> {
+    pub heads: usize,
+    /// Multiplier of q·k (1/sqrt(D) usually; T5 uses 1).
+    pub scale: f32,
+    /// Mask out keys after the query position (CLIP's text encoder).
+    pub causal: bool,
+    /// Added to the scores before softmax, `[H, Sq, Sk]`, shared by the batch (T5).
+    pub bias: Option<&'a T>,
+}
+
+// Manual impls: a derive would demand `T: Copy`, but only a reference to T is held.
+impl<T> Clone for AttentionParams<'_, T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for AttentionParams<'_, T> {}
+
+/// A backend executes the model's operations on its own tensors.
+///
+/// Shapes are given as `[dims]` in the docs of each method; all tensors are f32 in
+/// meaning (a backend may store BF16 or FP8 underneath).
+pub trait Backend: Send + Sync {
+    type Tensor: Clone + Send + Sync;
+    /// A linear layer prepared for this backend (e.g. FP8 weights pre-transposed).
+    type Linear: Send + Sync;
+
+    /// Short human-readable description ("cpu fp32", "cuda:0 H100 fp8").
+    fn describe(&self) -> String;
+
+    fn upload(&self, t: &HostTensor) -> Result<Self::Tensor>;
+    fn download(&self, t: &Self::Tensor) -> Result<HostTensor>;
+    fn dims(&self, t: &Self::Tensor) -> Vec<usize>;
+
+    /// A non-linear parameter (norm weight, conv kernel, embedding table, ...).
+    fn load_param(&self, w: &WeightTensor<'_>) -> Result<Self::Tensor>;
+    /// A linear layer: `weight` is `[out, in]`, `bias` `[out]`.
+    fn load_linear(
+        &self,
+        spec: &LinearSpec,
+        weight: &WeightTensor<'_>,
+        bias: Option<&WeightTensor<'_>>,
+    ) -> Result<Self::Linear>;
+
+    /// `x [.., in] -> [.., out]`: x·Wᵀ + b, quantized as the layer's spec says.
+    fn linear(&self, x: &Self::Tensor, layer: &Self::Linear) -> Result<Self::Tensor>;
+
+    /// Layer norm over the last dimension, optional affine parameters.
+    fn layer_norm(
+        &self,
+        x: &Self::Tensor,
+        gamma: Option<&Self::Tensor>,
+        beta: Option<&Self::Tensor>,
+        eps: f32,
+    ) -> Result<Self::Tensor>;
+
+    /// adaLN: `x [B, S, C]`, `shift`/`scale` `[B, C]`: `x * (1 + scale) + shift`.
+    fn modulate(
+        &self,
+        x: &Self::Tensor,
+        shift: &Self::Tensor,
+        scale: &Self::Tensor,
+    ) -> Result<Self::Tensor>;
+
+    /// RMS norm over the last dimension: `x / sqrt(mean(x²) + eps) * gamma`.
+    fn rms_norm(
+        &self,
+        x: &Self::Tensor,
+        gamma: Option<&Self::Tensor>,
+        eps: f32,
+    ) -> Result<Self::Tensor>;
+
+    /// Group norm of `x [B, C, H, W]` with per-channel affine parameters.
+    fn group_norm(
+        &self,
+        x: &Self::Tensor,
+        groups: usize,
+        gamma: &Self::Tensor,
+        beta: &Self::Tensor,
+        eps: f32,
+    ) -> Result<Self::Tensor>;
+
+    /// 2-D convolution, `x [B, Cin, H, W]`, `w [Cout, Cin, kh, kw]`, `b [Cout]`.
+    fn conv2d(
+        &self,
+        x: &Self::Tensor,
+        w: &Self::Tensor,
+        b: Option<&Self::Tensor>,
+        p: Conv2dParams,
+    ) -> Result<Self::Tensor>;
+
+    /// Nearest-neighbour 2x upsampling of `[B, C, H, W]`.
+    fn upsample_nearest2x(&self, x: &Self::Tensor) -> Result<Self::Tensor>;
+
+    /// Multi-head attention, see [`AttentionParams`]; returns `[B, Sq, H*D]`.
+    fn attention(
+        &self,
+        q: &Self::Tensor,
+        k: &Self::Tensor,
+        v: &Self::Tensor,
+        p: AttentionParams<'_, Self::Tensor>,
+    ) -> Result<Self::Tensor>;
+
+    fn activation(&self, x: &Self::Tensor, act: Activation) -> Result<Self::Tensor>;
+
+    /// Elementwise `a + b`; `b` may also be `[C]` (broadcast over the last dim of `a`)
+    /// or have a leading dimension of 1 (broadcast over the batch).
+    fn add(&self, a: &Self::Tensor, b: &Self::Tensor) -> Result<Self::Tensor>;
+    /// Elementwise product of equal shapes.
+    fn mul(&self, a: &Self::Tensor, b: &Self::Tensor) -> Result<Self::Tensor>;
+    /// `a * x + b` elementwise with scalars.
+    fn scale_shift(&self, x: &Self::Tensor, a: f32, b: f32) -> Result<Self::Tensor>;
+
+    /// Gated residual: `x [B, S, C] + gate [B, C] * y [B, S, C]`.
+    fn gated_add(
+        &self,
+        x: &Self::Tensor,
+        gate: &Self::Tensor,
+        y: &Self::Tensor,
+    ) -> Result<Self::Tensor>;
+
+    /// Concatenation along `dim`.
+    fn concat(&self, parts: &[&Self::Tensor], dim: usize) -> Result<Self::Tensor>;
+    /// `len` entries of dimension `dim` starting at `start`.
+    fn narrow(
+        &self,
+        x: &Self::Tensor,
+        dim: usize,
+        start: usize,
+        len: usize,
+    ) -> Result<Self::Tensor>;
+    /// Same data, new shape.
+    fn reshape(&self, x: &Self::Tensor, shape: &[usize]) -> Result<Self::Tensor>;
+    /// Axis permutation (materialised).
+    fn permute(&self, x: &Self::Tensor, perm: &[usize]) -> Result<Self::Tensor>;
+    /// Zero-pads the last dimension to `size`.
+    fn pad_last(&self, x: &Self::Tensor, size: usize) -> Result<Self::Tensor>;
+
+    /// Rows of `table [V, C]` picked by `ids` (`[B*S]`), shaped `[B, S, C]`.
+    fn embedding(
+        &self,
+        table: &Self::Tensor,
+        ids: &[u32],
+        batch: usize,
+        seq: usize,
+    ) -> Result<Self::Tensor>;
+    /// `x [B, S, C]` -> `[B, C]` taking token `index[b]` of each batch entry.
+    fn select_tokens(&self, x: &Self::Tensor, index: &[usize]) -> Result<Self::Tensor>;
+
+    /// Classifier-free guidance: `uncond + g * (cond - uncond)`.
+    fn guidance(&self, uncond: &Self::Tensor, cond: &Self::Tensor, g: f32) -> Result<Self::Tensor>;
+    /// One Euler step of the flow-matching ODE in f32: `x + dt * v`.
+    fn euler_step(&self, x: &Self::Tensor, v: &Self::Tensor, dt: f32) -> Result<Self::Tensor>;
+}
+
+/// Helper used by model code: a linear layer's spec.
+pub fn linear_spec(name: &str, in_features: usize, out_features: usize) -> LinearSpec {
+    LinearSpec {
+        name: name.to_string(),
+        in_features,
+        out_features,
+        quant: LinearQuant::None,
+    }
+}

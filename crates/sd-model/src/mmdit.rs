@@ -1,0 +1,523 @@
+//! The SD3 / SD3.5 transformer (`SD3Transformer2DModel`): MMDiT, with optional qk
+//! RMSNorm (SD3.5) and the second image-only attention of MMDiT-X (SD3.5-medium).
+//! Parameter names are diffusers'.
+
+use crate::backend::{Activation, AttentionParams, Backend};
+use crate::config::TransformerConfig;
+use crate::error::{ModelError, Result};
+use crate::load::Loader;
+use crate::plan::PrecisionPlan;
+use crate::tensor::HostTensor;
+use crate::weights::WeightSource;
+
+const NORM_EPS: f32 = 1e-6;
+const TIME_PROJ_DIM: usize = 256;
+
+/// One attention's projections; the context (`add_*`) half exists in joint attention.
+struct Projections<B: Backend> {
+    q: B::Linear,
+    k: B::Linear,
+    v: B::Linear,
+    norm_q: Option<B::Tensor>,
+    norm_k: Option<B::Tensor>,
+}
+
+impl<B: Backend> Projections<B> {
+    fn load(
+        l: &Loader<'_, B>,
+        prefix: &str,
+        names: [&str; 5],
+        dim: usize,
+        qk_norm: bool,
+        head_dim: usize,
+    ) -> Result<Self> {
+        let [q, k, v, nq, nk] = names;
+        let norm = |n: &str| -> Result<Option<B::Tensor>> {
+            if qk_norm {
+                Ok(Some(l.param(&format!("{prefix}.{n}.weight"), &[head_dim])?))
+            } else {
+                Ok(None)
+            }
+        };
+        Ok(Self {
+            q: l.linear(&format!("{prefix}.{q}"), dim, dim, true)?,
+            k: l.linear(&format!("{prefix}.{k}"), dim, dim, true)?,
+            v: l.linear(&format!("{prefix}.{v}"), dim, dim, true)?,
+            norm_q: norm(nq)?,
+            norm_k: norm(nk)?,
+        })
+    }
+
+    /// q, k, v of `x [B, S, H*D]`, with q and k RMS-normalised per head when configured.
+    fn project(
+        &self,
+        b: &B,
+        x: &B::Tensor,
+        heads: usize,
+    ) -> Result<(B::Tensor, B::Tensor, B::Tensor)> {
+        let q = b.linear(x, &self.q)?;
+        let k = b.linear(x, &self.k)?;
+        let v = b.linear(x, &self.v)?;
+        let q = per_head_rms(b, &q, self.norm_q.as_ref(), heads)?;
+        let k = per_head_rms(b, &k, self.norm_k.as_ref(), heads)?;
+        Ok((q, k, v))
+    }
+}
+
+fn per_head_rms<B: Backend>(
+    b: &B,
+    x: &B::Tensor,
+    gamma: Option<&B::Tensor>,
+    heads: usize,
+) -> Result<B::Tensor> {
+    let Some(g) = gamma else {
+        return Ok(x.clone());
+    };
+    let d = b.dims(x);
+    let (bs, s, c) = (d[0], d[1], d[2]);
+    let split = b.reshape(x, &[bs, s, heads, c / heads])?;
+    let n = b.rms_norm(&split, Some(g), NORM_EPS)?;
+    b.reshape(&n, &[bs, s, c])
+}
+
+struct FeedForward<B: Backend> {
+    up: B::Linear,
+    down: B::Linear,
+}
+
+impl<B: Backend> FeedForward<B> {
+    fn load(l: &Loader<'_, B>, prefix: &str, dim: usize) -> Result<Self> {
+        Ok(Self {
+            up: l.linear(&format!("{prefix}.net.0.proj"), dim, 4 * dim, true)?,
+            down: l.linear(&format!("{prefix}.net.2"), 4 * dim, dim, true)?,
+        })
+    }
+    fn forward(&self, b: &B, x: &B::Tensor) -> Result<B::Tensor> {
+        let h = b.linear(x, &self.up)?;
+        let h = b.activation(&h, Activation::GeluTanh)?;
+        b.linear(&h, &self.down)
+    }
+}
+
+struct JointBlock<B: Backend> {
+    /// adaLN-Zero modulation of the image stream: 6 chunks, 9 with dual attention.
+    norm1: B::Linear,
+    /// Context modulation: 6 chunks, or 2 (scale, shift) in the last, context-pre-only block.
+    norm1_context: B::Linear,
+    image: Projections<B>,
+    context: Projections<B>,
+    to_out: B::Linear,
+    to_add_out: Option<B::Linear>,
+    /// MMDiT-X's image-only attention.
+    attn2: Option<(Projections<B>, B::Linear)>,
+    ff: FeedForward<B>,
+    ff_context: Option<FeedForward<B>>,
+}
+
+impl<B: Backend> JointBlock<B> {
+    fn load(l: &Loader<'_, B>, cfg: &TransformerConfig, i: usize) -> Result<Self> {
+        let dim = cfg.inner_dim();
+        let hd = cfg.attention_head_dim;
+        let qk = cfg.uses_qk_norm();
+        let p = format!("transformer_blocks.{i}");
+        let pre_only = i == cfg.num_layers - 1;
+        let dual = cfg.dual_attention_layers.contains(&i);
+        let attn = format!("{p}.attn");
+        Ok(Self {
+            norm1: l.linear(
+                &format!("{p}.norm1.linear"),
+                dim,
+                if dual { 9 } else { 6 } * dim,
+                true,
+            )?,
+            norm1_context: l.linear(
+                &format!("{p}.norm1_context.linear"),
+                dim,
+                if pre_only { 2 } else { 6 } * dim,
+                true,
+            )?,
+            image: Projections::load(
+                l,
+                &attn,
+                ["to_q", "to_k", "to_v", "norm_q", "norm_k"],
+                dim,
+                qk,
+                hd,
+            )?,
+            context: Projections::load(
+                l,
+                &attn,
+                [
+                    "add_q_proj",
+                    "add_k_proj",
+                    "add_v_proj",
+                    "norm_added_q",
+                    "norm_added_k",
+                ],
+                dim,
+                qk,
+                hd,
+            )?,
+            to_out: l.linear(&format!("{attn}.to_out.0"), dim, dim, true)?,
+            to_add_out: if pre_only {
+                None
+            } else {
+                Some(l.linear(&format!("{attn}.to_add_out"), dim, dim, true)?)
+            },
+            attn2: if dual {
+                let a2 = format!("{p}.attn2");
+                Some((
+                    Projections::load(
+                        l,
+                        &a2,
+                        ["to_q", "to_k", "to_v", "norm_q", "norm_k"],
+                        dim,
+                        qk,
+                        hd,
+                    )?,
+                    l.linear(&format!("{a2}.to_out.0"), dim, dim, true)?,
+                ))
+            } else {
+                None
+            },
+            ff: FeedForward::load(l, &format!("{p}.ff"), dim)?,
+            ff_context: if pre_only {
+                None
+            } else {
+                Some(FeedForward::load(l, &format!("{p}.ff_context"), dim)?)
+            },
+        })
+    }
+
+    /// Returns the new (image, context) streams; the context is `None` after the last block.
+    fn forward(
+        &self,
+        b: &B,
+        x: &B::Tensor,
+        ctx: &B::Tensor,
+        silu_temb: &B::Tensor,
+        heads: usize,
+    ) -> Result<(B::Tensor, Option<B::Tensor>)> {
+        let dim = b.dims(x)[2];
+        let chunk = |t: &B::Tensor, i: usize| b.narrow(t, 1, i * dim, dim);
+
+        // Image stream modulation.
+        let m = b.linear(silu_temb, &self.norm1)?;
+        let x_norm = b.layer_norm(x, None, None, NORM_EPS)?;
+        let x_mod = b.modulate(&x_norm, &chunk(&m, 0)?, &chunk(&m, 1)?)?;
+        let (gate_msa, shift_mlp, scale_mlp, gate_mlp) =
+            (chunk(&m, 2)?, chunk(&m, 3)?, chunk(&m, 4)?, chunk(&m, 5)?);
+
+        // Context stream modulation.
+        let mc = b.linear(silu_temb, &self.norm1_context)?;
+        let c_norm = b.layer_norm(ctx, None, None, NORM_EPS)?;
+        let c_mod = if self.to_add_out.is_none() {
+            // AdaLayerNormContinuous: (scale, shift), in that order.
+            b.modulate(&c_norm, &chunk(&mc, 1)?, &chunk(&mc, 0)?)?
+        } else {
+            b.modulate(&c_norm, &chunk(&mc, 0)?, &chunk(&mc, 1)?)?
+        };
+
+        // Joint attention: image tokens first, then context tokens.
+        let s_img = b.dims(x)[1];
+        let s_ctx = b.dims(ctx)[1];
+        let (qi, ki, vi) = self.image.project(b, &x_mod, heads)?;
+        let (qc, kc, vc) = self.context.project(b, &c_mod, heads)?;
+        let q = b.concat(&[&qi, &qc], 1)?;
+        let k = b.concat(&[&ki, &kc], 1)?;
+        let v = b.concat(&[&vi, &vc], 1)?;
+        let scale = 1.0 / ((dim / heads) as f32).sqrt();
+        let params = AttentionParams {
+            heads,
+            scale,
+            causal: false,
+            bias: None,
+        };
+        let o = b.attention(&q, &k, &v, params)?;
+        let o_img = b.linear(&b.narrow(&o, 1, 0, s_img)?, &self.to_out)?;
+        let mut x = b.gated_add(x, &gate_msa, &o_img)?;
+
+        if let Some((proj2, out2)) = &self.attn2 {
+            let x_mod2 = b.modulate(&x_norm, &chunk(&m, 6)?, &chunk(&m, 7)?)?;
+            let (q2, k2, v2) = proj2.project(b, &x_mod2, heads)?;
+            let o2 = b.linear(&b.attention(&q2, &k2, &v2, params)?, out2)?;
+            x = b.gated_add(&x, &chunk(&m, 8)?, &o2)?;
+        }
+
+        let h = b.layer_norm(&x, None, None, NORM_EPS)?;
+        let h = b.modulate(&h, &shift_mlp, &scale_mlp)?;
+        let x = b.gated_add(&x, &gate_mlp, &self.ff.forward(b, &h)?)?;
+
+        let (Some(to_add_out), Some(ff_context)) = (&self.to_add_out, &self.ff_context) else {
+            return Ok((x, None));
+        };
+        let o_ctx = b.linear(&b.narrow(&o, 1, s_img, s_ctx)?, to_add_out)?;
+        let ctx = b.gated_add(ctx, &chunk(&mc, 2)?, &o_ctx)?;
+        let h = b.layer_norm(&ctx, None, None, NORM_EPS)?;
+        let h = b.modulate(&h, &chunk(&mc, 3)?, &chunk(&mc, 4)?)?;
+        let ctx = b.gated_add(&ctx, &chunk(&mc, 5)?, &ff_context.forward(b, &h)?)?;
+        Ok((x, Some(ctx)))
+    }
+}
+
+/// The denoising transformer.
+pub struct Mmdit<B: Backend> {
+    pub config: TransformerConfig,
+    patch_embed: B::Linear,
+    /// `[M, M, D]` sin-cos table, cropped to the latent size at each call.
+    pos_embed: B::Tensor,
+    time_1: B::Linear,
+    time_2: B::Linear,
+    text_1: B::Linear,
+    text_2: B::Linear,
+    context_embedder: B::Linear,
+    blocks: Vec<JointBlock<B>>,
+    norm_out: B::Linear,
+    proj_out: B::Linear,
+}
+
+impl<B: Backend> Mmdit<B> {
+    /// Names of every linear layer in execution order, for calibration and reports.
+    pub fn linear_layer_names(cfg: &TransformerConfig) -> Vec<String> {
+        let mut v = vec![
+            "pos_embed.proj".to_string(),
+            "time_text_embed.timestep_embedder.linear_1".into(),
+            "time_text_embed.timestep_embedder.linear_2".into(),
+            "time_text_embed.text_embedder.linear_1".into(),
+            "time_text_embed.text_embedder.linear_2".into(),
+            "context_embedder".into(),
+        ];
+        for i in 0..cfg.num_layers {
+            let p = format!("transformer_blocks.{i}");
+            let pre_only = i == cfg.num_layers - 1;
+            v.push(format!("{p}.norm1.linear"));
+            v.push(format!("{p}.norm1_context.linear"));
+            for n in [
+                "to_q",
+                "to_k",
+                "to_v",
+                "add_q_proj",
+                "add_k_proj",
+                "add_v_proj",
+            ] {
+                v.push(format!("{p}.attn.{n}"));
+            }
+            v.push(format!("{p}.attn.to_out.0"));
+            if !pre_only {
+                v.push(format!("{p}.attn.to_add_out"));
+            }
+            if cfg.dual_attention_layers.contains(&i) {
+                for n in ["to_q", "to_k", "to_v", "to_out.0"] {
+                    v.push(format!("{p}.attn2.{n}"));
+                }
+            }
+            v.push(format!("{p}.ff.net.0.proj"));
+            v.push(format!("{p}.ff.net.2"));
+            if !pre_only {
+                v.push(format!("{p}.ff_context.net.0.proj"));
+                v.push(format!("{p}.ff_context.net.2"));
+            }
+        }
+        v.push("norm_out.linear".into());
+        v.push("proj_out".into());
+        v
+    }
+
+    pub fn load(
+        backend: &B,
+        config: TransformerConfig,
+        src: &dyn WeightSource,
+        plan: &PrecisionPlan,
+    ) -> Result<Self> {
+        config.validate()?;
+        let l = Loader { backend, src, plan };
+        let d = config.inner_dim();
+        let p = config.patch_size;
+        let cin = config.in_channels;
+        let m = config.pos_embed_max_size.unwrap_or(0);
+        let pos = if src.contains("pos_embed.pos_embed") {
+            let mut w = src.get_shaped("pos_embed.pos_embed", &[1, m * m, d])?;
+            w.shape = vec![m, m, d];
+            backend.load_param(&w)?
+        } else {
+            // Older exports drop the buffer; it is a pure function of the config.
+            let t = sincos_pos_embed(d, m, config.sample_size / p)?;
+            backend.upload(&t)?
+        };
+        let blocks = (0..config.num_layers)
+            .map(|i| JointBlock::load(&l, &config, i))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            patch_embed: l.linear_reshaped(
+                "pos_embed.proj",
+                &[d, cin, p, p],
+                cin * p * p,
+                d,
+                true,
+            )?,
+            pos_embed: pos,
+            time_1: l.linear(
+                "time_text_embed.timestep_embedder.linear_1",
+                TIME_PROJ_DIM,
+                d,
+                true,
+            )?,
+            time_2: l.linear("time_text_embed.timestep_embedder.linear_2", d, d, true)?,
+            text_1: l.linear(
+                "time_text_embed.text_embedder.linear_1",
+                config.pooled_projection_dim,
+                d,
+                true,
+            )?,
+            text_2: l.linear("time_text_embed.text_embedder.linear_2", d, d, true)?,
+            context_embedder: l.linear(
+                "context_embedder",
+                config.joint_attention_dim,
+                config.caption_projection_dim,
+                true,
+            )?,
+            blocks,
+            norm_out: l.linear("norm_out.linear", d, 2 * d, true)?,
+            proj_out: l.linear("proj_out", d, p * p * config.out_channels, true)?,
+            config,
+        })
+    }
+
+    /// Checks a latent size against the positional-embedding table.
+    pub fn check_latent_size(&self, h: usize, w: usize) -> Result<()> {
+        let p = self.config.patch_size;
+        let m = self.config.pos_embed_max_size.unwrap_or(0);
+        if h % p != 0 || w % p != 0 {
+            return Err(ModelError::input(format!(
+                "latent size {h}x{w} is not a multiple of the patch size {p}"
+            )));
+        }
+        if h / p > m || w / p > m {
+            return Err(ModelError::input(format!(
+                "latent size {h}x{w} exceeds this transformer's maximum of {}x{} (pos_embed_max_size {m})",
+                m * p,
+                m * p
+            )));
+        }
+        Ok(())
+    }
+
+    /// One forward pass: `latents [B, C, H, W]`, `context [B, S, joint_attention_dim]`,
+    /// `pooled [B, pooled_projection_dim]`, one timestep per batch entry.
+    pub fn forward(
+        &self,
+        b: &B,
+        latents: &B::Tensor,
+        context: &B::Tensor,
+        pooled: &B::Tensor,
+        timesteps: &[f32],
+    ) -> Result<B::Tensor> {
+        let cfg = &self.config;
+        let dims = b.dims(latents);
+        if dims.len() != 4 || dims[1] != cfg.in_channels {
+            return Err(ModelError::input(format!(
+                "transformer input must be [B, {}, H, W], got {dims:?}",
+                cfg.in_channels
+            )));
+        }
+        let (bs, c, h, w) = (dims[0], dims[1], dims[2], dims[3]);
+        if timesteps.len() != bs {
+            return Err(ModelError::input(format!(
+                "{} timesteps for a batch of {bs}",
+                timesteps.len()
+            )));
+        }
+        self.check_latent_size(h, w)?;
+        let p = cfg.patch_size;
+        let (gh, gw) = (h / p, w / p);
+        let d = cfg.inner_dim();
+
+        // Patchify [B, C, gh, p, gw, p] -> [B, gh*gw, C*p*p] and embed (the conv as a linear).
+        let x = b.reshape(latents, &[bs, c, gh, p, gw, p])?;
+        let x = b.permute(&x, &[0, 2, 4, 1, 3, 5])?;
+        let x = b.reshape(&x, &[bs, gh * gw, c * p * p])?;
+        let x = b.linear(&x, &self.patch_embed)?;
+        let m = cfg.pos_embed_max_size.unwrap_or(0);
+        let (top, left) = ((m - gh) / 2, (m - gw) / 2);
+        let pe = b.narrow(&self.pos_embed, 0, top, gh)?;
+        let pe = b.narrow(&pe, 1, left, gw)?;
+        let pe = b.reshape(&pe, &[1, gh * gw, d])?;
+        let mut x = b.add(&x, &pe)?;
+
+        // Conditioning vector: timestep embedding + pooled text projection.
+        let tproj = b.upload(&timestep_embedding(timesteps, TIME_PROJ_DIM))?;
+        let t = b.linear(&tproj, &self.time_1)?;
+        let t = b.linear(&b.activation(&t, Activation::Silu)?, &self.time_2)?;
+        let y = b.linear(pooled, &self.text_1)?;
+        let y = b.linear(&b.activation(&y, Activation::Silu)?, &self.text_2)?;
+        let temb = b.add(&t, &y)?;
+        let silu_temb = b.activation(&temb, Activation::Silu)?;
+
+        let mut ctx = b.linear(context, &self.context_embedder)?;
+        for block in &self.blocks {
+            let (nx, nctx) = block.forward(b, &x, &ctx, &silu_temb, cfg.num_attention_heads)?;
+            x = nx;
+            if let Some(c) = nctx {
+                ctx = c;
+            }
+        }
+
+        let m = b.linear(&silu_temb, &self.norm_out)?;
+        let (scale, shift) = (b.narrow(&m, 1, 0, d)?, b.narrow(&m, 1, d, d)?);
+        let x = b.layer_norm(&x, None, None, NORM_EPS)?;
+        let x = b.modulate(&x, &shift, &scale)?;
+        let x = b.linear(&x, &self.proj_out)?;
+
+        // Unpatchify: [B, gh, gw, p, p, C] -> [B, C, gh, p, gw, p].
+        let co = cfg.out_channels;
+        let x = b.reshape(&x, &[bs, gh, gw, p, p, co])?;
+        let x = b.permute(&x, &[0, 5, 1, 3, 2, 4])?;
+        b.reshape(&x, &[bs, co, h, w])
+    }
+}
+
+/// diffusers' `get_timestep_embedding(t, dim, flip_sin_to_cos=True, downscale_freq_shift=0)`,
+/// computed in f32 like PyTorch.
+pub fn timestep_embedding(timesteps: &[f32], dim: usize) -> HostTensor {
+    let half = dim / 2;
+    let ln = -(10000f64.ln()) as f32;
+    let freqs: Vec<f32> = (0..half)
+        .map(|i| ((ln * i as f32) / half as f32).exp())
+        .collect();
+    let mut data = Vec::with_capacity(timesteps.len() * dim);
+    for &t in timesteps {
+        let args: Vec<f32> = freqs.iter().map(|f| t * f).collect();
+        data.extend(args.iter().map(|a| a.cos()));
+        data.extend(args.iter().map(|a| a.sin()));
+    }
+    HostTensor {
+        shape: vec![timesteps.len(), dim],
+        data,
+    }
+}
+
+/// The `[M, M, D]` 2-D sin-cos table of diffusers' `PatchEmbed` (`get_2d_sincos_pos_embed`
+/// with `base_size`, interpolation scale 1), for checkpoints that omit the buffer.
+pub fn sincos_pos_embed(dim: usize, grid: usize, base_size: usize) -> Result<HostTensor> {
+    if dim % 4 != 0 || grid == 0 || base_size == 0 {
+        return Err(ModelError::config(format!(
+            "cannot build a sin-cos position table of dim {dim}, grid {grid}, base {base_size}"
+        )));
+    }
+    let quarter = dim / 4;
+    let omega: Vec<f64> = (0..quarter)
+        .map(|i| 1.0 / 10000f64.powf(i as f64 / (dim as f64 / 4.0)))
+        .collect();
+    let pos = |i: usize| (i as f32 / (grid as f32 / base_size as f32)) as f64;
+    let mut data = Vec::with_capacity(grid * grid * dim);
+    for row in 0..grid {
+        for col in 0..grid {
+            // diffusers' first half encodes the column (meshgrid "xy"), the second the row.
+            for coord in [pos(col), pos(row)] {
+                data.extend(omega.iter().map(|o| (coord * o).sin() as f32));
+                data.extend(omega.iter().map(|o| (coord * o).cos() as f32));
+            }
+        }
+    }
+    HostTensor::new(vec![grid, grid, dim], data)
+}
