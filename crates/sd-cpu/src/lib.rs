@@ -234,7 +234,7 @@ impl Backend for CpuBackend {
         eps: f32,
     ) -> Result<CpuTensor> {
         let s = x.shape();
-        if s.len() != 4 || groups == 0 || s[1] % groups != 0 {
+        if s.len() != 4 || groups == 0 || !s[1].is_multiple_of(groups) {
             return Err(ModelError::backend(format!(
                 "group_norm: shape {s:?} with {groups} groups"
             )));

@@ -100,7 +100,7 @@ impl<B: Backend> ClipTextModel<B> {
     /// `ids` holds `batch` sequences of equal length, row after row.
     pub fn forward(&self, b: &B, ids: &[u32], batch: usize) -> Result<ClipOutput<B::Tensor>> {
         let cfg = &self.config;
-        if batch == 0 || ids.len() % batch != 0 {
+        if batch == 0 || !ids.len().is_multiple_of(batch) {
             return Err(ModelError::input(
                 "CLIP input ids do not split into the batch",
             ));

@@ -146,7 +146,7 @@ impl ClipConfig {
                 "{what}: SD3 uses the penultimate hidden state, so CLIP needs >= 2 layers"
             )));
         }
-        if c.num_attention_heads == 0 || c.hidden_size % c.num_attention_heads != 0 {
+        if c.num_attention_heads == 0 || !c.hidden_size.is_multiple_of(c.num_attention_heads) {
             return Err(ModelError::config(format!(
                 "{what}: hidden_size must be a multiple of num_attention_heads"
             )));

@@ -387,7 +387,7 @@ impl<B: Backend> Mmdit<B> {
     pub fn check_latent_size(&self, h: usize, w: usize) -> Result<()> {
         let p = self.config.patch_size;
         let m = self.config.pos_embed_max_size.unwrap_or(0);
-        if h % p != 0 || w % p != 0 {
+        if !h.is_multiple_of(p) || !w.is_multiple_of(p) {
             return Err(ModelError::input(format!(
                 "latent size {h}x{w} is not a multiple of the patch size {p}"
             )));
@@ -499,7 +499,7 @@ pub fn timestep_embedding(timesteps: &[f32], dim: usize) -> HostTensor {
 /// The `[M, M, D]` 2-D sin-cos table of diffusers' `PatchEmbed` (`get_2d_sincos_pos_embed`
 /// with `base_size`, interpolation scale 1), for checkpoints that omit the buffer.
 pub fn sincos_pos_embed(dim: usize, grid: usize, base_size: usize) -> Result<HostTensor> {
-    if dim % 4 != 0 || grid == 0 || base_size == 0 {
+    if !dim.is_multiple_of(4) || grid == 0 || base_size == 0 {
         return Err(ModelError::config(format!(
             "cannot build a sin-cos position table of dim {dim}, grid {grid}, base {base_size}"
         )));

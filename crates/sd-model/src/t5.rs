@@ -114,7 +114,7 @@ impl<B: Backend> T5Encoder<B> {
     /// Last hidden state `[B, S, d_model]` for `batch` sequences of equal length.
     pub fn forward(&self, b: &B, ids: &[u32], batch: usize) -> Result<B::Tensor> {
         let cfg = &self.config;
-        if batch == 0 || ids.len() % batch != 0 {
+        if batch == 0 || !ids.len().is_multiple_of(batch) {
             return Err(ModelError::input(
                 "T5 input ids do not split into the batch",
             ));
