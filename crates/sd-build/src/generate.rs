@@ -50,7 +50,7 @@ pub struct GenerateArgs {
     #[arg(long, default_value_t = 256)]
     pub max_sequence_length: usize,
     /// Overrides the scheduler's shift.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub shift: Option<f64>,
     /// Initial noise: a safetensors file with an f32 tensor `latents` [1, 16, H/8, W/8].
     #[arg(long)]
