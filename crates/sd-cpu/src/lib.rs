@@ -171,10 +171,17 @@ impl Backend for CpuBackend {
                 layer.spec.name
             )));
         }
-        let mut input = x.data().to_vec();
-        if let Some(q) = &layer.input_quant {
-            ops::par_fake_quantize(q.format, &mut input, q.scale);
-        }
+        // FP8 layers see their input quantized and dequantized, as an FP8 GEMM would.
+        let quantized;
+        let input: &[f32] = match &layer.input_quant {
+            Some(q) => {
+                let mut v = x.data().to_vec();
+                ops::par_fake_quantize(q.format, &mut v, q.scale);
+                quantized = v;
+                &quantized
+            }
+            None => x.data(),
+        };
         // One GEMM per batch entry: results independent of batch composition.
         let per_entry = if shape.len() >= 3 {
             shape[1..shape.len() - 1].iter().product()
@@ -182,7 +189,7 @@ impl Backend for CpuBackend {
             1
         };
         let out = ops::linear(
-            &input,
+            input,
             per_entry,
             inp,
             layer.spec.out_features,
