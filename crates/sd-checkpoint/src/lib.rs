@@ -6,6 +6,7 @@
 //! safetensors, single-file or sharded with a `*.safetensors.index.json`; tensors are
 //! handed out as borrowed bytes through [`sd_model::WeightSource`].
 
+pub mod fingerprint;
 mod safetensors_io;
 
 pub use safetensors_io::{SafetensorsWeights, atomic_write, read_tensor_file, write_tensor_file};
