@@ -14,13 +14,20 @@ use sd_pipeline::{GenerateRequest, Sd3Pipeline, encode_png};
 pub enum Precision {
     Fp32,
     Bf16,
+    /// FP8 where the calibration cache says (simulated exactly), BF16 elsewhere: what
+    /// an FP8 engine computes.
+    Fp8,
 }
 
 #[derive(Args, Debug)]
 pub struct GenerateArgs {
     /// Diffusers-format SD3/SD3.5 checkpoint directory.
-    #[arg(long)]
-    pub model: PathBuf,
+    #[arg(long, required_unless_present = "engine")]
+    pub model: Option<PathBuf>,
+    /// Run an engine bundle (from `sd-build compile --target cpu`) instead of a
+    /// checkpoint; with --model too, the bundle must have been built from that model.
+    #[arg(long, conflicts_with_all = ["precision", "calibration"])]
+    pub engine: Option<PathBuf>,
     #[arg(long)]
     pub prompt: String,
     #[arg(long, default_value = "")]
@@ -44,8 +51,11 @@ pub struct GenerateArgs {
     pub height: Option<usize>,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    #[arg(long, value_enum, default_value_t = Precision::Fp32)]
-    pub precision: Precision,
+    #[arg(long, value_enum)]
+    pub precision: Option<Precision>,
+    /// Calibration cache (from `sd-build calibrate`) for `--precision fp8`.
+    #[arg(long)]
+    pub calibration: Option<PathBuf>,
     /// T5 token budget.
     #[arg(long, default_value_t = 256)]
     pub max_sequence_length: usize,
@@ -81,14 +91,58 @@ fn check_output_path(path: &Path, what: &str) -> Result<()> {
     Ok(())
 }
 
+/// The pipeline the flags ask for, and a description of it for the PNG parameters.
+fn load_pipeline(args: &GenerateArgs) -> Result<(Sd3Pipeline<CpuBackend>, String)> {
+    if let Some(engine) = &args.engine {
+        let bundle = sd_engine::Bundle::open(engine)
+            .with_context(|| format!("cannot open engine {}", engine.display()))?;
+        if let Some(model) = &args.model {
+            sd_engine::check_bundle_model(&bundle, model)?;
+        }
+        let pipeline = sd_engine::load_cpu_pipeline_from(&bundle)
+            .with_context(|| format!("cannot load engine {}", engine.display()))?;
+        return Ok((pipeline, format!("engine {}", engine.display())));
+    }
+    let model = args
+        .model
+        .as_ref()
+        .context("--model or --engine is required")?;
+    let ckpt = Checkpoint::open(model)
+        .with_context(|| format!("cannot open model {}", model.display()))?;
+    let precision = args.precision.unwrap_or(Precision::Fp32);
+    let (compute, plan) = match precision {
+        Precision::Fp32 | Precision::Bf16 if args.calibration.is_some() => {
+            bail!("--calibration applies to --precision fp8 only")
+        }
+        Precision::Fp32 => (ComputePrecision::F32, PrecisionPlan::full_precision()),
+        Precision::Bf16 => (ComputePrecision::Bf16, PrecisionPlan::full_precision()),
+        Precision::Fp8 => {
+            let Some(path) = &args.calibration else {
+                bail!(
+                    "--precision fp8 needs --calibration CACHE.yaml (make one with `sd-build calibrate --model {} --out CACHE.yaml`)",
+                    model.display()
+                );
+            };
+            let cache = sd_calibrate::CalibrationCache::load(path)
+                .with_context(|| format!("cannot read calibration cache {}", path.display()))?;
+            let fingerprint = sd_checkpoint::fingerprint::ModelFingerprint::compute(&ckpt)
+                .with_context(|| format!("cannot fingerprint {}", model.display()))?;
+            cache.check_model(&fingerprint)?;
+            (ComputePrecision::Bf16, cache.plan())
+        }
+    };
+    let pipeline = Sd3Pipeline::load(&ckpt, CpuBackend::new(compute), &plan)
+        .with_context(|| format!("cannot load model {}", model.display()))?;
+    let label = format!("{} ({precision:?})", model.display());
+    Ok((pipeline, label))
+}
+
 pub fn run(args: GenerateArgs) -> Result<()> {
     // Check everything cheap before loading any weights.
     check_output_path(&args.out, "--out")?;
     if let Some(p) = &args.save_latents {
         check_output_path(p, "--save-latents")?;
     }
-    let ckpt = Checkpoint::open(&args.model)
-        .with_context(|| format!("cannot open model {}", args.model.display()))?;
     let latents = match &args.latents {
         Some(p) => Some(
             read_tensor_file(p, "latents")
@@ -96,16 +150,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         ),
         None => None,
     };
-    let precision = match args.precision {
-        Precision::Fp32 => ComputePrecision::F32,
-        Precision::Bf16 => ComputePrecision::Bf16,
-    };
-    let pipeline = Sd3Pipeline::load(
-        &ckpt,
-        CpuBackend::new(precision),
-        &PrecisionPlan::full_precision(),
-    )
-    .with_context(|| format!("cannot load model {}", args.model.display()))?;
+    let (pipeline, source) = load_pipeline(&args)?;
     let native = pipeline.limits.default_size;
     let request = GenerateRequest {
         prompt: args.prompt.clone(),
@@ -122,7 +167,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         latents,
         ..Default::default()
     };
-    let params = describe(&request, &args, &pipeline);
+    let params = describe(&request, &args, &pipeline, &source);
     let bar = ProgressBar::new(request.steps as u64);
     bar.set_style(
         ProgressStyle::with_template(
@@ -147,7 +192,12 @@ pub fn run(args: GenerateArgs) -> Result<()> {
 }
 
 /// The generation parameters embedded in the PNG (`parameters` tEXt chunk).
-fn describe(r: &GenerateRequest, args: &GenerateArgs, p: &Sd3Pipeline<CpuBackend>) -> String {
+fn describe(
+    r: &GenerateRequest,
+    args: &GenerateArgs,
+    p: &Sd3Pipeline<CpuBackend>,
+    source: &str,
+) -> String {
     format!(
         "{}\nNegative prompt: {}\nSteps: {}, Sampler: flow-match Euler, CFG scale: {}, Seed: {}, Size: {}x{}, Shift: {}, Model: {}, Backend: {}",
         r.prompt,
@@ -162,7 +212,7 @@ fn describe(r: &GenerateRequest, args: &GenerateArgs, p: &Sd3Pipeline<CpuBackend
         r.width,
         r.height,
         r.shift.unwrap_or(p.scheduler.config.shift),
-        args.model.display(),
+        source,
         sd_model::Backend::describe(&p.backend),
     )
 }

@@ -1,6 +1,10 @@
 //! `sd-build`: the offline builder. Each subcommand lives in its own module.
 
+mod calibrate;
+mod compile;
+mod export;
 mod generate;
+mod inspect;
 
 use clap::{Parser, Subcommand};
 
@@ -20,8 +24,17 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// FP8 post-training calibration: per-layer formats and scales into a YAML cache.
+    Calibrate(calibrate::CalibrateArgs),
     /// Generate an image in-process from a checkpoint.
     Generate(generate::GenerateArgs),
+    /// Compile a checkpoint (+ calibration cache) into an engine bundle.
+    Compile(compile::CompileArgs),
+    /// Export ONNX models (transformer with FP8 Q/DQ from a calibration cache, text
+    /// encoders, VAE decoder) for TensorRT and other runtimes.
+    Export(export::ExportArgs),
+    /// Describe an engine bundle, check it, and say whether this machine can run it.
+    Inspect(inspect::InspectArgs),
 }
 
 fn init_tracing(format: &str) {
@@ -41,7 +54,11 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     init_tracing(&cli.log_format);
     let result = match cli.command {
+        Command::Calibrate(args) => calibrate::run(args),
         Command::Generate(args) => generate::run(args),
+        Command::Compile(args) => compile::run(args),
+        Command::Inspect(args) => inspect::run(args),
+        Command::Export(args) => export::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

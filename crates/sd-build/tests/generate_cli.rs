@@ -279,3 +279,141 @@ fn refuses_bad_latents_and_unwritable_output() {
     let o = generate(&model(), &nowhere, &[]);
     assert_refused(&o, "does not exist", &nowhere);
 }
+
+fn pixels(p: &Path) -> Vec<u8> {
+    let d = png::Decoder::new(std::io::Cursor::new(std::fs::read(p).unwrap()));
+    let mut r = d.read_info().unwrap();
+    let mut buf = vec![0; r.output_buffer_size().unwrap()];
+    r.next_frame(&mut buf).unwrap();
+    buf
+}
+
+/// The FP8 flow through the CLI: calibrate, FP8-simulated generation, a cpu engine
+/// compiled from the same cache, and the engine's image identical to the simulation's.
+#[test]
+fn fp8_generation_and_cpu_engine_agree_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = |n: &str| dir.path().join(n);
+    let m = model();
+    let ms = m.to_str().unwrap();
+    let cache = d("cal.yaml");
+    let o = sd_build(&[
+        "calibrate",
+        "--model",
+        ms,
+        "--out",
+        cache.to_str().unwrap(),
+        "--target",
+        "cpu",
+        "--samples",
+        "2",
+        "--steps",
+        "2",
+        "--width",
+        "64",
+        "--height",
+        "64",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+
+    let out = d("no-cache.png");
+    let o = generate(&m, &out, &["--precision", "fp8"]);
+    assert_refused(&o, "--calibration", &out);
+    let o = generate(
+        &m,
+        &out,
+        &[
+            "--precision",
+            "bf16",
+            "--calibration",
+            cache.to_str().unwrap(),
+        ],
+    );
+    assert_refused(&o, "fp8 only", &out);
+
+    let sim = d("sim.png");
+    let o = generate(
+        &m,
+        &sim,
+        &[
+            "--precision",
+            "fp8",
+            "--calibration",
+            cache.to_str().unwrap(),
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let full = d("fp32.png");
+    let o = generate(&m, &full, &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_ne!(
+        pixels(&sim),
+        pixels(&full),
+        "FP8 simulation should differ from FP32"
+    );
+
+    let engine = d("engine");
+    let o = sd_build(&[
+        "compile",
+        "--model",
+        ms,
+        "--calibration",
+        cache.to_str().unwrap(),
+        "--target",
+        "cpu",
+        "--precision",
+        "fp8",
+        "--out",
+        engine.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let from_engine = d("engine.png");
+    let mut args = vec![
+        "generate",
+        "--engine",
+        engine.to_str().unwrap(),
+        "--prompt",
+        "a red circle on the left",
+    ];
+    args.extend([
+        "--steps",
+        "2",
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--out",
+        from_engine.to_str().unwrap(),
+    ]);
+    let o = sd_build(&args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(
+        pixels(&from_engine),
+        pixels(&sim),
+        "engine and --precision fp8 differ"
+    );
+
+    // A cache made for another model is refused.
+    let other = root().join("models/tiny-sd3");
+    let o = generate(
+        &other,
+        &out,
+        &[
+            "--precision",
+            "fp8",
+            "--calibration",
+            cache.to_str().unwrap(),
+        ],
+    );
+    assert_refused(&o, "model", &out);
+    let mut args = vec![
+        "generate",
+        "--engine",
+        engine.to_str().unwrap(),
+        "--precision",
+        "bf16",
+    ];
+    args.extend(["--prompt", "x", "--out", out.to_str().unwrap()]);
+    let o = sd_build(&args);
+    assert_refused(&o, "cannot be used with", &out);
+}

@@ -7,9 +7,11 @@
 //! continuous batching. Numerics follow diffusers' `StableDiffusion3Pipeline`.
 
 mod image;
+mod parts;
 mod request;
 
 pub use image::{Image, encode_png};
+pub use parts::*;
 pub use request::{GenerateRequest, Limits};
 
 use std::path::Path;
