@@ -6,7 +6,7 @@
 //! and a tracer can emit one ONNX node group per call. Tensors are row-major; the model
 //! code never looks at values, only at shapes, so a symbolic backend works too.
 
-use crate::error::Result;
+use crate::error::{ModelError, Result};
 use crate::plan::LinearQuant;
 use crate::tensor::HostTensor;
 use crate::weights::WeightTensor;
@@ -61,6 +61,58 @@ impl<T> Clone for AttentionParams<'_, T> {
     }
 }
 impl<T> Copy for AttentionParams<'_, T> {}
+
+/// Which token of a text encoder's output is pooled, as a rule over its ids (so that a
+/// graph-building backend can express it with the ids as a graph input).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TokenPick {
+    /// The first position whose id equals this one (position 0 when there is none).
+    FirstEqual(i64),
+    /// The first position holding the largest id.
+    ArgMax,
+}
+
+impl TokenPick {
+    /// The picked position in one row of ids.
+    pub fn index(self, row: &[u32]) -> usize {
+        match self {
+            Self::ArgMax => {
+                let mut best = 0;
+                for (i, &id) in row.iter().enumerate() {
+                    if id > row[best] {
+                        best = i;
+                    }
+                }
+                best
+            }
+            Self::FirstEqual(eos) => row.iter().position(|&id| i64::from(id) == eos).unwrap_or(0),
+        }
+    }
+}
+
+/// Token ids held in a backend tensor `[B, S]` (f32 in meaning, exact below 2^24), back
+/// on the host as (ids row after row, batch, seq).
+fn host_ids<B: Backend + ?Sized>(b: &B, ids: &B::Tensor) -> Result<(Vec<u32>, usize, usize)> {
+    let h = b.download(ids)?;
+    if h.shape.len() != 2 {
+        return Err(ModelError::input(format!(
+            "token ids must be [batch, seq], got {:?}",
+            h.shape
+        )));
+    }
+    let ids = h
+        .data
+        .iter()
+        .map(|&v| {
+            if v.fract() == 0.0 && (0.0..16_777_216.0).contains(&v) {
+                Ok(v as u32)
+            } else {
+                Err(ModelError::input(format!("{v} is not a token id")))
+            }
+        })
+        .collect::<Result<Vec<u32>>>()?;
+    Ok((ids, h.shape[0], h.shape[1]))
+}
 
 /// A backend executes the model's operations on its own tensors.
 ///
@@ -192,6 +244,46 @@ pub trait Backend: Send + Sync {
     ) -> Result<Self::Tensor>;
     /// `x [B, S, C]` -> `[B, C]` taking token `index[b]` of each batch entry.
     fn select_tokens(&self, x: &Self::Tensor, index: &[usize]) -> Result<Self::Tensor>;
+
+    /// Rows of `table [V, C]` picked by the ids in a backend tensor `ids [B, S]`, shaped
+    /// `[B, S, C]`. The default reads the ids back and calls [`Backend::embedding`]; a
+    /// graph-building backend emits a gather with the ids as a graph input.
+    fn embedding_ids(&self, table: &Self::Tensor, ids: &Self::Tensor) -> Result<Self::Tensor> {
+        let (ids, batch, seq) = host_ids(self, ids)?;
+        self.embedding(table, &ids, batch, seq)
+    }
+
+    /// `x [B, S, C]` -> `[B, C]` taking, in each row, the token that `pick` chooses from
+    /// that row of `ids [B, S]`. The default reads the ids back and calls
+    /// [`Backend::select_tokens`].
+    fn select_tokens_by_ids(
+        &self,
+        x: &Self::Tensor,
+        ids: &Self::Tensor,
+        pick: TokenPick,
+    ) -> Result<Self::Tensor> {
+        let (ids, batch, seq) = host_ids(self, ids)?;
+        let index: Vec<usize> = if seq == 0 {
+            vec![0; batch]
+        } else {
+            ids.chunks(seq).map(|row| pick.index(row)).collect()
+        };
+        self.select_tokens(x, &index)
+    }
+
+    /// The sinusoidal timestep embedding `[B, dim]` of `t [B]`
+    /// ([`crate::mmdit::timestep_embedding`]). The default computes it on the host; a
+    /// graph-building backend emits it as operations on a timestep input.
+    fn timestep_embedding(&self, t: &Self::Tensor, dim: usize) -> Result<Self::Tensor> {
+        let h = self.download(t)?;
+        if h.shape.len() != 1 {
+            return Err(ModelError::input(format!(
+                "timesteps must be [batch], got {:?}",
+                h.shape
+            )));
+        }
+        self.upload(&crate::mmdit::timestep_embedding(&h.data, dim))
+    }
 
     /// Classifier-free guidance: `uncond + g * (cond - uncond)`.
     fn guidance(&self, uncond: &Self::Tensor, cond: &Self::Tensor, g: f32) -> Result<Self::Tensor>;

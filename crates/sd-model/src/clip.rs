@@ -2,7 +2,7 @@
 //! the penultimate hidden state is the per-token context, the projected final state
 //! at the end-of-text token is the pooled vector.
 
-use crate::backend::{AttentionParams, Backend};
+use crate::backend::{AttentionParams, Backend, TokenPick};
 use crate::config::ClipConfig;
 use crate::error::{ModelError, Result};
 use crate::load::Loader;
@@ -82,18 +82,15 @@ impl<B: Backend> ClipTextModel<B> {
     /// (`eos_token_id == 2`) take the argmax id instead, which is the same token for CLIP's
     /// vocabulary, where end-of-text has the largest id.
     pub fn pooled_index(&self, ids: &[u32]) -> usize {
+        self.pooled_pick().index(ids)
+    }
+
+    /// The pooling rule of [`ClipTextModel::pooled_index`].
+    pub fn pooled_pick(&self) -> TokenPick {
         if self.config.eos_token_id == 2 {
-            let mut best = 0;
-            for (i, &id) in ids.iter().enumerate() {
-                if id > ids[best] {
-                    best = i;
-                }
-            }
-            best
+            TokenPick::ArgMax
         } else {
-            ids.iter()
-                .position(|&id| i64::from(id) == self.config.eos_token_id)
-                .unwrap_or(0)
+            TokenPick::FirstEqual(self.config.eos_token_id)
         }
     }
 
@@ -106,22 +103,58 @@ impl<B: Backend> ClipTextModel<B> {
             ));
         }
         let seq = ids.len() / batch;
-        if seq > cfg.max_position_embeddings {
-            return Err(ModelError::input(format!(
-                "CLIP sequence of {seq} tokens exceeds max_position_embeddings {}",
-                cfg.max_position_embeddings
-            )));
-        }
+        self.check_seq(seq)?;
         if let Some(&bad) = ids.iter().find(|&&id| id as usize >= cfg.vocab_size) {
             return Err(ModelError::input(format!(
                 "token id {bad} is outside the CLIP vocabulary of {}",
                 cfg.vocab_size
             )));
         }
+        let tok = b.embedding(&self.token_embedding, ids, batch, seq)?;
+        let index: Vec<usize> = ids.chunks(seq).map(|row| self.pooled_index(row)).collect();
+        self.encode(b, tok, seq, |last| b.select_tokens(last, &index))
+    }
+
+    /// [`ClipTextModel::forward`] with the ids as a backend tensor `[B, S]` (the ONNX
+    /// tracer's `input_ids` graph input): the embedding lookup and the pooled-token choice
+    /// are [`Backend::embedding_ids`] and [`Backend::select_tokens_by_ids`].
+    pub fn forward_ids(&self, b: &B, ids: &B::Tensor) -> Result<ClipOutput<B::Tensor>> {
+        let d = b.dims(ids);
+        if d.len() != 2 {
+            return Err(ModelError::input(format!(
+                "CLIP input ids must be [batch, seq], got {d:?}"
+            )));
+        }
+        let seq = d[1];
+        self.check_seq(seq)?;
+        let tok = b.embedding_ids(&self.token_embedding, ids)?;
+        let pick = self.pooled_pick();
+        self.encode(b, tok, seq, |last| b.select_tokens_by_ids(last, ids, pick))
+    }
+
+    fn check_seq(&self, seq: usize) -> Result<()> {
+        if seq > self.config.max_position_embeddings {
+            return Err(ModelError::input(format!(
+                "CLIP sequence of {seq} tokens exceeds max_position_embeddings {}",
+                self.config.max_position_embeddings
+            )));
+        }
+        Ok(())
+    }
+
+    /// The encoder over token embeddings `tok [B, S, hidden]`; `pool` picks the pooled
+    /// token of the final-normed states.
+    fn encode(
+        &self,
+        b: &B,
+        tok: B::Tensor,
+        seq: usize,
+        pool: impl FnOnce(&B::Tensor) -> Result<B::Tensor>,
+    ) -> Result<ClipOutput<B::Tensor>> {
+        let cfg = &self.config;
         let h = cfg.hidden_size;
         let eps = cfg.layer_norm_eps as f32;
         let act = cfg.activation()?;
-        let tok = b.embedding(&self.token_embedding, ids, batch, seq)?;
         let pos = b.reshape(
             &b.narrow(&self.position_embedding, 0, 0, seq)?,
             &[1, seq, h],
@@ -152,8 +185,7 @@ impl<B: Backend> ClipTextModel<B> {
             }
         }
         let last = b.layer_norm(&x, Some(&self.final_ln.0), Some(&self.final_ln.1), eps)?;
-        let index: Vec<usize> = ids.chunks(seq).map(|row| self.pooled_index(row)).collect();
-        let pooled = b.linear(&b.select_tokens(&last, &index)?, &self.projection)?;
+        let pooled = b.linear(&pool(&last)?, &self.projection)?;
         Ok(ClipOutput {
             penultimate: penultimate
                 .ok_or_else(|| ModelError::config("CLIP needs at least 2 layers"))?,

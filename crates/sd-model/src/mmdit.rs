@@ -412,6 +412,48 @@ impl<B: Backend> Mmdit<B> {
         pooled: &B::Tensor,
         timesteps: &[f32],
     ) -> Result<B::Tensor> {
+        let bs = b.dims(latents).first().copied().unwrap_or(0);
+        if timesteps.len() != bs {
+            return Err(ModelError::input(format!(
+                "{} timesteps for a batch of {bs}",
+                timesteps.len()
+            )));
+        }
+        let tproj = b.upload(&timestep_embedding(timesteps, TIME_PROJ_DIM))?;
+        self.forward_embedded(b, latents, context, pooled, &tproj)
+    }
+
+    /// [`Mmdit::forward`] with the timesteps as a backend tensor `[B]`; the sinusoidal
+    /// embedding is [`Backend::timestep_embedding`] (host-side by default, graph
+    /// operations in the ONNX tracer, where the timestep is a graph input).
+    pub fn forward_t(
+        &self,
+        b: &B,
+        latents: &B::Tensor,
+        context: &B::Tensor,
+        pooled: &B::Tensor,
+        timesteps: &B::Tensor,
+    ) -> Result<B::Tensor> {
+        let bs = b.dims(latents).first().copied().unwrap_or(0);
+        let td = b.dims(timesteps);
+        if td != [bs] {
+            return Err(ModelError::input(format!(
+                "timesteps must be [{bs}] for a batch of {bs}, got {td:?}"
+            )));
+        }
+        let tproj = b.timestep_embedding(timesteps, TIME_PROJ_DIM)?;
+        self.forward_embedded(b, latents, context, pooled, &tproj)
+    }
+
+    /// The forward pass given the sinusoidal timestep projection `tproj [B, 256]`.
+    fn forward_embedded(
+        &self,
+        b: &B,
+        latents: &B::Tensor,
+        context: &B::Tensor,
+        pooled: &B::Tensor,
+        tproj: &B::Tensor,
+    ) -> Result<B::Tensor> {
         let cfg = &self.config;
         let dims = b.dims(latents);
         if dims.len() != 4 || dims[1] != cfg.in_channels {
@@ -421,12 +463,6 @@ impl<B: Backend> Mmdit<B> {
             )));
         }
         let (bs, c, h, w) = (dims[0], dims[1], dims[2], dims[3]);
-        if timesteps.len() != bs {
-            return Err(ModelError::input(format!(
-                "{} timesteps for a batch of {bs}",
-                timesteps.len()
-            )));
-        }
         self.check_latent_size(h, w)?;
         let p = cfg.patch_size;
         let (gh, gw) = (h / p, w / p);
@@ -445,8 +481,7 @@ impl<B: Backend> Mmdit<B> {
         let mut x = b.add(&x, &pe)?;
 
         // Conditioning vector: timestep embedding + pooled text projection.
-        let tproj = b.upload(&timestep_embedding(timesteps, TIME_PROJ_DIM))?;
-        let t = b.linear(&tproj, &self.time_1)?;
+        let t = b.linear(tproj, &self.time_1)?;
         let t = b.linear(&b.activation(&t, Activation::Silu)?, &self.time_2)?;
         let y = b.linear(pooled, &self.text_1)?;
         let y = b.linear(&b.activation(&y, Activation::Silu)?, &self.text_2)?;

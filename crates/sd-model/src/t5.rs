@@ -126,6 +126,28 @@ impl<B: Backend> T5Encoder<B> {
             )));
         }
         let seq = ids.len() / batch;
+        let x = b.embedding(&self.embed, ids, batch, seq)?;
+        self.encode(b, x, seq)
+    }
+
+    /// [`T5Encoder::forward`] with the ids as a backend tensor `[B, S]` (the ONNX tracer's
+    /// `input_ids` graph input). The relative-position bias is still built on the host for
+    /// the traced length `S` and uploaded: in an exported graph it is a constant
+    /// `[heads, S, S]`, so the text length of an exported T5 is fixed.
+    pub fn forward_ids(&self, b: &B, ids: &B::Tensor) -> Result<B::Tensor> {
+        let d = b.dims(ids);
+        if d.len() != 2 {
+            return Err(ModelError::input(format!(
+                "T5 input ids must be [batch, seq], got {d:?}"
+            )));
+        }
+        let x = b.embedding_ids(&self.embed, ids)?;
+        self.encode(b, x, d[1])
+    }
+
+    /// The encoder over token embeddings `x [B, S, d_model]`.
+    fn encode(&self, b: &B, mut x: B::Tensor, seq: usize) -> Result<B::Tensor> {
+        let cfg = &self.config;
         let eps = cfg.layer_norm_epsilon as f32;
         let (_, act) = cfg.feed_forward()?;
         let bias = b.upload(&self.position_bias(seq))?;
@@ -135,7 +157,6 @@ impl<B: Backend> T5Encoder<B> {
             causal: false,
             bias: Some(&bias),
         };
-        let mut x = b.embedding(&self.embed, ids, batch, seq)?;
         for layer in &self.layers {
             let y = b.rms_norm(&x, Some(&layer.attn_norm), eps)?;
             let (q, k, v) = (
