@@ -23,7 +23,8 @@ echo "== calibrating FP8 formats and scales for $MODEL"
 echo "== compiling a cpu FP8 engine"
 "$BIN/sd-build" compile --model "$MODEL" --calibration "$WORK/calibration.yaml" \
   --target cpu --precision fp8 --out "$WORK/engine" --force
-"$BIN/sd-build" inspect "$WORK/engine" | head -n 20
+"$BIN/sd-build" inspect "$WORK/engine" > "$WORK/inspect.txt"
+head -n 24 "$WORK/inspect.txt"
 
 echo "== serving it on 127.0.0.1:$PORT"
 "$BIN/sd-serve" --listen "127.0.0.1:$PORT" --model "shapes=$WORK/engine" &
@@ -38,4 +39,7 @@ done
 echo "== generating through gRPC"
 "$BIN/sd-client" --server "127.0.0.1:$PORT" generate --prompt "$PROMPT" \
   --width 128 --height 128 --steps 28 --guidance-scale "$GUIDANCE" --seed 1 -o "$WORK/out.png"
+kill -TERM "$server"
+wait "$server" || true
+trap - EXIT
 echo "image: $(realpath "$WORK/out.png")"

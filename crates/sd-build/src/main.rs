@@ -37,6 +37,18 @@ enum Command {
     Inspect(inspect::InspectArgs),
 }
 
+/// Restores the default SIGPIPE action, so that `sd-build inspect ENGINE | head` ends
+/// quietly like any Unix tool instead of panicking on a closed stdout (Rust ignores
+/// SIGPIPE by default, turning it into a write error that `println!` panics on).
+fn restore_sigpipe() {
+    #[cfg(unix)]
+    // SAFETY: setting a signal disposition to SIG_DFL at start-up, before any thread
+    // exists, is async-signal-safe and has no other effect on the process.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
 fn init_tracing(format: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
@@ -51,6 +63,7 @@ fn init_tracing(format: &str) {
 }
 
 fn main() -> std::process::ExitCode {
+    restore_sigpipe();
     let cli = Cli::parse();
     init_tracing(&cli.log_format);
     let result = match cli.command {

@@ -245,3 +245,31 @@ fn compile_refusals() {
         "not an engine bundle",
     );
 }
+
+/// `sd-build inspect ENGINE | head -1`: a closed stdout ends the process quietly (as
+/// SIGPIPE ends any Unix tool), never with a panic.
+#[test]
+fn inspect_into_a_closed_pipe_does_not_panic() {
+    let tmp = tempfile::tempdir().unwrap();
+    let engine = tmp.path().join("engine");
+    ok(sd_build(&[
+        "compile",
+        "--model",
+        p(&models().join("tiny-sd3")),
+        "--target",
+        "cpu",
+        "--precision",
+        "bf16",
+        "--out",
+        p(&engine),
+    ]));
+    let script = format!(
+        "'{}' inspect '{}' | head -n 1",
+        env!("CARGO_BIN_EXE_sd-build"),
+        engine.display()
+    );
+    let o = Command::new("sh").args(["-c", &script]).output().unwrap();
+    let (out, err) = text(&o);
+    assert!(out.starts_with("engine bundle:"), "{out}");
+    assert!(!err.contains("panicked"), "{err}");
+}

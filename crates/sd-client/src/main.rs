@@ -443,8 +443,21 @@ async fn bench(
     Ok(())
 }
 
+/// Restores the default SIGPIPE action, so that `sd-client models | head` ends
+/// quietly like any Unix tool instead of panicking on a closed stdout (Rust ignores
+/// SIGPIPE by default, turning it into a write error that `println!` panics on).
+fn restore_sigpipe() {
+    #[cfg(unix)]
+    // SAFETY: setting a signal disposition to SIG_DFL at start-up, before any thread
+    // exists, is async-signal-safe and has no other effect on the process.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
+    restore_sigpipe();
     let cli = Cli::parse();
     let result = match &cli.command {
         Command::Generate {
