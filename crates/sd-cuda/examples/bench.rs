@@ -1,0 +1,554 @@
+//! The sd-cuda benchmark: SD3.5 transformer steps (and the VAE decoder) at 1024x1024,
+//! batch 2, with deterministic pseudo-random weights made on the machine that runs it
+//! (nothing is downloaded or committed). Driven by `scripts/bench/run_bench.sh`.
+//!
+//! ```text
+//! bench OUT_DIR [--models sd3.5-medium,sd3.5-large] [--precisions fp8,bf16]
+//!               [--iters 12] [--warmup 3] [--no-vae] [--no-exact]
+//! ```
+//!
+//! Timing: stream-synchronised wall time of one whole `Mmdit::forward` (host enqueue
+//! and GPU, synchronised at the end of each step), median of `--iters` after `--warmup`.
+//! Memory: the high-water mark of the stream-ordered pool every allocation comes
+//! from (weights included), comparable to `torch.cuda.max_memory_allocated`.
+//! Writes `OUT_DIR/bench.json` (rewritten after every measurement) and prints a log.
+
+use std::borrow::Cow;
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use sd_cuda::{CudaBackend, CudaPrecision, FlashVariant, flash_variant, set_flash_variant};
+use sd_fp8::Fp8Format;
+use sd_model::config::{TransformerConfig, VaeConfig};
+use sd_model::mmdit::Mmdit;
+use sd_model::vae::VaeDecoder;
+use sd_model::{
+    ActivationQuant, AttentionParams, Backend, HostTensor, LinearQuant, PrecisionPlan,
+    StorageDType, WeightQuant, WeightSource, WeightTensor,
+};
+use serde_json::{Value, json};
+
+type R<T> = std::result::Result<T, Box<dyn std::error::Error>>;
+
+/// splitmix64: a fast, seedable generator.
+fn splitmix(state: &mut u64) -> u64 {
+    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    let mut z = *state;
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+fn name_seed(name: &str) -> u64 {
+    // FNV-1a
+    name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+    })
+}
+
+/// Uniform values in [center - amp, center + amp], deterministic in (seed, index).
+fn fill_uniform(seed: u64, center: f32, amp: f32, out: &mut [f32]) {
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(16);
+    let chunk = out.len().div_ceil(threads).max(1 << 16);
+    std::thread::scope(|sc| {
+        for (ci, c) in out.chunks_mut(chunk).enumerate() {
+            sc.spawn(move || {
+                let mut st = seed ^ (ci as u64).wrapping_mul(0xA24B_AED4_963E_E407);
+                for v in c {
+                    let u = (splitmix(&mut st) >> 40) as f32 / (1u64 << 24) as f32;
+                    *v = center + amp * (2.0 * u - 1.0);
+                }
+            });
+        }
+    });
+}
+
+fn random_host(shape: Vec<usize>, seed: u64, amp: f32) -> HostTensor {
+    let mut data = vec![0f32; shape.iter().product()];
+    fill_uniform(seed, 0.0, amp, &mut data);
+    HostTensor { shape, data }
+}
+
+/// Every tensor any loader asks for, made up on request with the requested shape:
+/// linear weights uniform in ±1/sqrt(fan_in) (PyTorch's default init range), norm
+/// weights 1 ± 0.1, biases ±0.02. BF16 bytes, like a real checkpoint.
+struct RandomWeights;
+
+impl WeightSource for RandomWeights {
+    fn describe(&self) -> String {
+        "pseudo-random weights (splitmix64, seeded by tensor name)".into()
+    }
+    fn names(&self) -> Vec<String> {
+        Vec::new()
+    }
+    fn contains(&self, _name: &str) -> bool {
+        // Buffers a loader may compute instead (pos_embed.pos_embed) are computed.
+        false
+    }
+    fn get(&self, name: &str) -> sd_model::Result<WeightTensor<'_>> {
+        Err(sd_model::ModelError::input(format!(
+            "RandomWeights needs the shape of {name}"
+        )))
+    }
+    fn get_shaped(&self, name: &str, shape: &[usize]) -> sd_model::Result<WeightTensor<'_>> {
+        let n: usize = shape.iter().product();
+        let (center, amp) = if name.ends_with(".bias") {
+            (0.0, 0.02)
+        } else if shape.len() >= 2 {
+            let fan_in: usize = shape[1..].iter().product();
+            (0.0, 1.0 / (fan_in.max(1) as f32).sqrt())
+        } else {
+            (1.0, 0.1)
+        };
+        let mut v = vec![0f32; n];
+        fill_uniform(name_seed(name), center, amp, &mut v);
+        let mut bytes = vec![0u8; 2 * n];
+        for (b, x) in bytes.chunks_exact_mut(2).zip(&v) {
+            b.copy_from_slice(&half::bf16::from_f32(*x).to_le_bytes());
+        }
+        Ok(WeightTensor {
+            name: name.to_string(),
+            origin: "<random>".into(),
+            shape: shape.to_vec(),
+            dtype: StorageDType::BF16,
+            bytes: Cow::Owned(bytes),
+        })
+    }
+}
+
+fn config(name: &str) -> R<TransformerConfig> {
+    // Sizes of ../shared/peer/sd35_peer.py (diffusers' SD3.5 configs).
+    let mut c = TransformerConfig {
+        sample_size: 128,
+        patch_size: 2,
+        in_channels: 16,
+        attention_head_dim: 64,
+        joint_attention_dim: 4096,
+        pooled_projection_dim: 2048,
+        out_channels: 16,
+        qk_norm: Some("rms_norm".into()),
+        ..TransformerConfig::default()
+    };
+    match name {
+        "sd3.5-medium" => {
+            c.num_layers = 24;
+            c.num_attention_heads = 24;
+            c.caption_projection_dim = 1536;
+            c.pos_embed_max_size = Some(384);
+            c.dual_attention_layers = (0..13).collect();
+        }
+        "sd3.5-large" => {
+            c.num_layers = 38;
+            c.num_attention_heads = 38;
+            c.caption_projection_dim = 2432;
+            c.pos_embed_max_size = Some(192);
+        }
+        other => return Err(format!("unknown model {other}").into()),
+    }
+    Ok(c)
+}
+
+/// Layers kept out of FP8 (the calibration defaults): embedders, the output norm and
+/// projection, and the adaLN modulation layers.
+fn excluded(layer: &str) -> bool {
+    layer.starts_with("pos_embed.")
+        || layer.starts_with("time_text_embed.")
+        || layer == "context_embedder"
+        || layer == "norm_out.linear"
+        || layer == "proj_out"
+        || layer.ends_with(".norm1.linear")
+        || layer.ends_with(".norm1_context.linear")
+}
+
+/// Every other linear layer in FP8: E4M3 weights with the scale of their init range
+/// (amax 1/sqrt(fan_in)), E4M3 inputs with a static scale (amax 16).
+fn fp8_plan(cfg: &TransformerConfig) -> PrecisionPlan {
+    let d = cfg.inner_dim();
+    let mut plan = PrecisionPlan::default();
+    for l in Mmdit::<CudaBackend>::linear_layer_names(cfg) {
+        if excluded(&l) {
+            continue;
+        }
+        let fan_in = if l.ends_with("net.2") { 4 * d } else { d };
+        let amax = 1.0 / (fan_in as f32).sqrt();
+        plan.layers.insert(
+            l,
+            LinearQuant::Fp8 {
+                weight: WeightQuant {
+                    format: Fp8Format::E4M3,
+                    scales: vec![amax / 448.0],
+                },
+                input: ActivationQuant {
+                    format: Fp8Format::E4M3,
+                    scale: 16.0 / 448.0,
+                },
+            },
+        );
+    }
+    plan
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    if v.is_empty() {
+        f64::NAN
+    } else {
+        v[v.len() / 2]
+    }
+}
+
+fn gib(b: u64) -> f64 {
+    b as f64 / (1u64 << 30) as f64
+}
+
+fn rel_err(a: &HostTensor, b: &HostTensor) -> (f64, f64) {
+    let mut max_d = 0f64;
+    let mut max_r = 0f64;
+    let mut se = 0f64;
+    let mut sr = 0f64;
+    for (x, y) in a.data.iter().zip(&b.data) {
+        let (x, y) = (*x as f64, *y as f64);
+        max_d = max_d.max((x - y).abs());
+        max_r = max_r.max(y.abs());
+        se += (x - y) * (x - y);
+        sr += y * y;
+    }
+    (max_d / max_r.max(1e-30), (se / sr.max(1e-30)).sqrt())
+}
+
+struct Bench {
+    out: PathBuf,
+    doc: Value,
+}
+
+impl Bench {
+    fn push(&mut self, key: &str, v: Value) {
+        println!("{key}: {v}");
+        if let Some(arr) = self.doc[key].as_array_mut() {
+            arr.push(v);
+        } else {
+            self.doc[key] = json!([v]);
+        }
+        self.save();
+    }
+    fn save(&self) {
+        let p = self.out.join("bench.json");
+        if let Ok(mut f) = std::fs::File::create(&p) {
+            let _ = f.write_all(
+                serde_json::to_string_pretty(&self.doc)
+                    .unwrap_or_default()
+                    .as_bytes(),
+            );
+        }
+    }
+}
+
+struct Opts {
+    iters: usize,
+    warmup: usize,
+    exact: bool,
+}
+
+fn profile_json(b: &CudaBackend) -> R<Value> {
+    let p = b.profile()?;
+    Ok(Value::Array(
+        p.into_iter()
+            .map(|(op, n, ms)| json!({"op": op, "calls": n, "ms": (ms * 1000.0).round() / 1000.0}))
+            .collect(),
+    ))
+}
+
+fn bench_transformer(
+    bench: &mut Bench,
+    model: &str,
+    precision: &str,
+    o: &Opts,
+    outputs: &mut Vec<(String, HostTensor)>,
+) -> R<()> {
+    let cfg = config(model)?;
+    let prec = match precision {
+        "fp8" => CudaPrecision::Fp8,
+        "bf16" => CudaPrecision::Bf16,
+        p => return Err(format!("precision {p}?").into()),
+    };
+    let plan = if prec == CudaPrecision::Fp8 {
+        fp8_plan(&cfg)
+    } else {
+        PrecisionPlan::default()
+    };
+    let b = CudaBackend::new(0, prec)?;
+    let t0 = Instant::now();
+    let m = Mmdit::load(&b, cfg.clone(), &RandomWeights, &plan)?;
+    b.synchronize()?;
+    let load_s = t0.elapsed().as_secs_f64();
+    let after_load = b.memory_stats()?;
+    // Inputs: batch 2 (classifier-free guidance), 1024x1024 -> 128x128 latents,
+    // 333 text tokens (77 CLIP + 256 T5).
+    let lat = b.upload(&random_host(vec![2, 16, 128, 128], 1, 1.0))?;
+    let ctx = b.upload(&random_host(vec![2, 333, 4096], 2, 1.0))?;
+    let pooled = b.upload(&random_host(vec![2, 2048], 3, 1.0))?;
+    let ts = [500.0f32, 500.0];
+    let step = |b: &CudaBackend| -> R<f64> {
+        let t = Instant::now();
+        let y = m.forward(b, &lat, &ctx, &pooled, &ts)?;
+        b.synchronize()?;
+        drop(y);
+        Ok(t.elapsed().as_secs_f64() * 1e3)
+    };
+    let tw = Instant::now();
+    for _ in 0..o.warmup {
+        step(&b)?;
+    }
+    let warm_s = tw.elapsed().as_secs_f64();
+    b.reset_peak_memory()?;
+    let mut times: Vec<f64> = (0..o.iters).map(|_| step(&b)).collect::<R<_>>()?;
+    let mem = b.memory_stats()?;
+    let min = times.iter().cloned().fold(f64::INFINITY, f64::min);
+    let med = median(&mut times);
+    // The output, for the FP8-vs-BF16 comparison.
+    let y = b.download(&m.forward(&b, &lat, &ctx, &pooled, &ts)?)?;
+    // Per-operation profile of one step.
+    b.set_profiling(true)?;
+    let tp = Instant::now();
+    let _ = m.forward(&b, &lat, &ctx, &pooled, &ts)?;
+    b.synchronize()?;
+    let prof_ms = tp.elapsed().as_secs_f64() * 1e3;
+    let prof = profile_json(&b)?;
+    b.set_profiling(false)?;
+    let mut rec = json!({
+        "model": model,
+        "precision": precision,
+        "engine": "sd-cuda",
+        "res": 1024, "batch": 2, "text_tokens": 333,
+        "step_ms_median": (med * 100.0).round() / 100.0,
+        "step_ms_min": (min * 100.0).round() / 100.0,
+        "iters": o.iters, "warmup": o.warmup,
+        "timing": "stream-synchronised wall time per forward (host enqueue + GPU)",
+        "peak_gib": (gib(mem.peak_used) * 1000.0).round() / 1000.0,
+        "peak_reserved_gib": (gib(mem.peak_reserved) * 1000.0).round() / 1000.0,
+        "param_bytes": after_load.param_bytes,
+        "param_gib": (gib(after_load.param_bytes) * 1000.0).round() / 1000.0,
+        "weights_resident_gib": (gib(after_load.used) * 1000.0).round() / 1000.0,
+        "fp8_layers": plan.fp8_layer_count(),
+        "load_s": (load_s * 10.0).round() / 10.0,
+        "warmup_s": (warm_s * 10.0).round() / 10.0,
+        "profiled_step_ms": (prof_ms * 10.0).round() / 10.0,
+        "profile": prof,
+        "gpu": b.gpu_name(),
+        "attention": format!("flash (mma.sync bf16, head dim 64): {}", flash_variant().name()),
+    });
+    // The same step with the exact reference attention (the engine before flash
+    // attention), once, and how far the flash output is from it.
+    if o.exact && model == "sd3.5-medium" {
+        b.set_flash_attention(false)?;
+        let t = Instant::now();
+        let ye = b.download(&m.forward(&b, &lat, &ctx, &pooled, &ts)?)?;
+        let exact_ms = t.elapsed().as_secs_f64() * 1e3;
+        b.set_flash_attention(true)?;
+        let (rel_max, rel_rms) = rel_err(&y, &ye);
+        rec["exact_attention_step_ms"] = json!((exact_ms * 10.0).round() / 10.0);
+        rec["flash_vs_exact_step_output"] = json!({"max_rel": rel_max, "rms_rel": rel_rms});
+    }
+    let finite = y.data.iter().all(|v| v.is_finite());
+    rec["output_finite"] = json!(finite);
+    bench.push("transformer", rec);
+    outputs.push((format!("{model} {precision}"), y));
+    Ok(())
+}
+
+fn bench_attention(bench: &mut Bench, o: &Opts) -> R<()> {
+    // SD3.5-medium joint attention: 4,096 image + 333 text tokens, 24 heads of 64.
+    let b = CudaBackend::new(0, CudaPrecision::Bf16)?;
+    let (bs, s, h, d) = (2usize, 4429usize, 24usize, 64usize);
+    let q = b.upload(&random_host(vec![bs, s, h * d], 11, 2.0))?;
+    let k = b.upload(&random_host(vec![bs, s, h * d], 12, 2.0))?;
+    let v = b.upload(&random_host(vec![bs, s, h * d], 13, 1.0))?;
+    let p = AttentionParams {
+        heads: h,
+        scale: 1.0 / (d as f32).sqrt(),
+        causal: false,
+        bias: None,
+    };
+    let flops = 4.0 * (bs * h) as f64 * (s * s) as f64 * d as f64;
+    let run = |b: &CudaBackend, n: usize| -> R<(f64, HostTensor)> {
+        let mut ts = Vec::new();
+        let mut last = None;
+        for _ in 0..n {
+            let t = Instant::now();
+            let y = b.attention(&q, &k, &v, p)?;
+            b.synchronize()?;
+            ts.push(t.elapsed().as_secs_f64() * 1e3);
+            last = Some(y);
+        }
+        let y = b.download(&last.ok_or("no run")?)?;
+        Ok((median(&mut ts), y))
+    };
+    // The exact reference kernel first (its output checks every flash tiling).
+    let exact = if o.exact {
+        b.set_flash_attention(false)?;
+        let r = run(&b, 1)?;
+        b.set_flash_attention(true)?;
+        Some(r)
+    } else {
+        None
+    };
+    let mut variants = Vec::new();
+    let mut best: Option<(f64, FlashVariant)> = None;
+    for var in FlashVariant::ALL {
+        set_flash_variant(var);
+        let _ = run(&b, 2)?;
+        let (ms, y) = run(&b, o.iters.max(10))?;
+        let mut vr = json!({
+            "kernel": var.name(),
+            "ms": (ms * 1000.0).round() / 1000.0,
+            "tflops": (flops / ms / 1e9).round(),
+        });
+        let mut ok = y.data.iter().all(|v| v.is_finite());
+        if let Some((_, ye)) = &exact {
+            let (rel_max, rel_rms) = rel_err(&y, ye);
+            vr["vs_exact"] = json!({"max_rel": rel_max, "rms_rel": rel_rms});
+            ok &= rel_max < 2e-2;
+        }
+        vr["ok"] = json!(ok);
+        if ok && best.is_none_or(|(t, _)| ms < t) {
+            best = Some((ms, var));
+        }
+        variants.push(vr);
+    }
+    let (flash_ms, chosen) = best.ok_or("no flash-attention tiling passed")?;
+    // Every later backend of this run uses the fastest correct tiling.
+    set_flash_variant(chosen);
+    let mut rec = json!({
+        "shape": format!("batch {bs}, {s} tokens, {h} heads x {d}"),
+        "flash_kernel": chosen.name(),
+        "flash_ms": (flash_ms * 1000.0).round() / 1000.0,
+        "flash_tflops": (flops / flash_ms / 1e9).round(),
+        "variants": variants,
+    });
+    if let Some((exact_ms, ye)) = exact {
+        set_flash_variant(chosen);
+        let (_, yf) = run(&b, 1)?;
+        let (rel_max, rel_rms) = rel_err(&yf, &ye);
+        rec["exact_ms"] = json!((exact_ms * 1000.0).round() / 1000.0);
+        rec["exact_tflops"] = json!((flops / exact_ms / 1e9 * 10.0).round() / 10.0);
+        rec["flash_vs_exact"] = json!({"max_rel": rel_max, "rms_rel": rel_rms});
+    }
+    bench.push("attention", rec);
+    Ok(())
+}
+
+fn bench_vae(bench: &mut Bench, o: &Opts) -> R<()> {
+    let cfg = VaeConfig {
+        in_channels: 3,
+        out_channels: 3,
+        latent_channels: 16,
+        block_out_channels: vec![128, 256, 512, 512],
+        layers_per_block: 2,
+        norm_num_groups: 32,
+        scaling_factor: 1.5305,
+        shift_factor: Some(0.0609),
+        use_post_quant_conv: false,
+        mid_block_add_attention: true,
+        up_block_types: vec!["UpDecoderBlock2D".into(); 4],
+    };
+    let b = CudaBackend::new(0, CudaPrecision::Bf16)?;
+    let vae = VaeDecoder::load(&b, cfg, &RandomWeights, &PrecisionPlan::default())?;
+    let z = b.upload(&random_host(vec![1, 16, 128, 128], 21, 1.0))?;
+    let dec = |b: &CudaBackend| -> R<f64> {
+        let t = Instant::now();
+        let y = vae.decode(b, &z)?;
+        b.synchronize()?;
+        drop(y);
+        Ok(t.elapsed().as_secs_f64() * 1e3)
+    };
+    dec(&b)?;
+    b.reset_peak_memory()?;
+    let mut ts: Vec<f64> = (0..o.iters.clamp(1, 3))
+        .map(|_| dec(&b))
+        .collect::<R<_>>()?;
+    let mem = b.memory_stats()?;
+    b.set_profiling(true)?;
+    let _ = dec(&b)?;
+    let prof = profile_json(&b)?;
+    b.set_profiling(false)?;
+    bench.push(
+        "vae",
+        json!({
+            "what": "SD3 VAE decode 1024x1024, batch 1, bf16",
+            "ms_median": (median(&mut ts) * 100.0).round() / 100.0,
+            "iters": ts.len(),
+            "peak_gib": (gib(mem.peak_used) * 1000.0).round() / 1000.0,
+            "profile": prof,
+        }),
+    );
+    Ok(())
+}
+
+fn main() -> R<()> {
+    let mut args = std::env::args().skip(1);
+    let out = PathBuf::from(args.next().ok_or("usage: bench OUT_DIR [options]")?);
+    std::fs::create_dir_all(&out)?;
+    let mut models = vec!["sd3.5-medium".to_string(), "sd3.5-large".to_string()];
+    let mut precisions = vec!["fp8".to_string(), "bf16".to_string()];
+    let mut o = Opts {
+        iters: 12,
+        warmup: 3,
+        exact: true,
+    };
+    let mut vae = true;
+    let mut attn = true;
+    while let Some(a) = args.next() {
+        let mut val = || args.next().ok_or(format!("{a} needs a value"));
+        match a.as_str() {
+            "--models" => models = val()?.split(',').map(String::from).collect(),
+            "--precisions" => precisions = val()?.split(',').map(String::from).collect(),
+            "--iters" => o.iters = val()?.parse()?,
+            "--warmup" => o.warmup = val()?.parse()?,
+            "--no-vae" => vae = false,
+            "--no-attention" => attn = false,
+            "--no-exact" => o.exact = false,
+            other => return Err(format!("unknown option {other}").into()),
+        }
+    }
+    let mut bench = Bench {
+        out,
+        doc: json!({
+            "harness": "crates/sd-cuda/examples/bench.rs",
+            "started_unix": std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+        }),
+    };
+    if attn && let Err(e) = bench_attention(&mut bench, &o) {
+        bench.push("errors", json!(format!("attention: {e}")));
+    }
+    for model in &models {
+        let mut outs = Vec::new();
+        for p in &precisions {
+            if let Err(e) = bench_transformer(&mut bench, model, p, &o, &mut outs) {
+                bench.push("errors", json!(format!("{model} {p}: {e}")));
+            }
+        }
+        if outs.len() == 2 {
+            let (rel_max, rel_rms) = rel_err(&outs[0].1, &outs[1].1);
+            bench.push(
+                "fp8_vs_bf16",
+                json!({"model": model, "max_rel": rel_max, "rms_rel": rel_rms,
+                       "note": "one step's output, random weights and inputs"}),
+            );
+        }
+    }
+    if vae && let Err(e) = bench_vae(&mut bench, &o) {
+        bench.push("errors", json!(format!("vae: {e}")));
+    }
+    bench.doc["finished_unix"] = json!(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs())
+    );
+    bench.save();
+    Ok(())
+}

@@ -1,0 +1,708 @@
+//! Per-op GPU test suite: every operation of the CUDA backend against the CPU backend
+//! (FP32 vs FP32, BF16/FP8 vs the CPU's BF16 mode and exact FP8 simulation), FP8
+//! quantization codes against sd-fp8, and whole tiny-model generations (image PSNR).
+//!
+//! `gpu_tests [MODEL_DIR] [OUT_DIR]` (defaults: models/tiny-sd35m, $OUT or .). Writes
+//! `gpu_tests.txt` (the figures) to OUT_DIR; exits 1 when a bound fails.
+
+use std::fmt::Write as _;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use sd_checkpoint::Checkpoint;
+use sd_cpu::{ComputePrecision, CpuBackend};
+use sd_cuda::{CudaBackend, CudaPrecision, Fp8Gemm};
+use sd_fp8::Fp8Format;
+use sd_model::{
+    Activation, ActivationQuant, AttentionParams, Backend, Conv2dParams, HostTensor, LinearQuant,
+    LinearSpec, PrecisionPlan, WeightQuant, WeightSource, WeightTensor,
+};
+use sd_pipeline::{GenerateRequest, Sd3Pipeline};
+
+type R<T> = std::result::Result<T, Box<dyn std::error::Error>>;
+
+/// Deterministic pseudo-random numbers (xorshift64*), approximately normal.
+struct Rng(u64);
+impl Rng {
+    fn next_u(&mut self) -> f32 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        ((self.0.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 40) as f32) / (1u64 << 24) as f32
+    }
+    fn normal(&mut self) -> f32 {
+        (0..4).map(|_| self.next_u()).sum::<f32>() * 1.732 - 3.464
+    }
+    fn tensor(&mut self, shape: &[usize], scale: f32) -> HostTensor {
+        HostTensor::from_fn(shape.to_vec(), |_| self.normal() * scale)
+    }
+}
+
+struct Report {
+    text: String,
+    failures: Vec<String>,
+}
+
+impl Report {
+    fn line(&mut self, s: String) {
+        println!("{s}");
+        self.text.push_str(&s);
+        self.text.push('\n');
+    }
+    fn check(&mut self, name: &str, ok: bool, figure: String) {
+        let s = format!("{} {name}: {figure}", if ok { "PASS" } else { "FAIL" });
+        if !ok {
+            self.failures.push(s.clone());
+        }
+        self.line(s);
+    }
+}
+
+/// (max |a - b|, max |a - b| / max |b|)
+fn errs(a: &HostTensor, b: &HostTensor) -> (f32, f32) {
+    assert_eq!(a.shape, b.shape);
+    let scale = b.data.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-30);
+    let d = a
+        .data
+        .iter()
+        .zip(&b.data)
+        .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+    (d, d / scale)
+}
+
+fn psnr(a: &[f32], b: &[f32]) -> f64 {
+    let mse = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| ((x - y) as f64).powi(2))
+        .sum::<f64>()
+        / a.len() as f64;
+    10.0 * (1.0 / mse.max(1e-20)).log10()
+}
+
+fn fp8_quant(w: &HostTensor, act: Fp8Format, act_scale: f32) -> LinearQuant {
+    let inp = w.shape[1];
+    let scales = w
+        .data
+        .chunks(inp)
+        .map(|r| {
+            let m = r.iter().fold(0f32, |m, v| m.max(v.abs()));
+            if m > 0.0 { m / 448.0 } else { 1.0 }
+        })
+        .collect();
+    LinearQuant::Fp8 {
+        weight: WeightQuant {
+            format: Fp8Format::E4M3,
+            scales,
+        },
+        input: ActivationQuant {
+            format: act,
+            scale: act_scale,
+        },
+    }
+}
+
+fn amax(t: &HostTensor) -> f32 {
+    t.data.iter().fold(0f32, |m, v| m.max(v.abs()))
+}
+
+/// Runs the same operations on one backend; returns (name, result) pairs.
+fn suite<B: Backend>(b: &B, fp8: bool) -> R<Vec<(String, HostTensor)>> {
+    let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
+    let mut out: Vec<(String, HostTensor)> = Vec::new();
+    let up = |t: &HostTensor| b.upload(t);
+
+    // Linear layers: small odd, and a realistic SD3.5-medium shape.
+    for (name, rows, inp, outf) in [
+        ("small", 37usize, 64usize, 48usize),
+        ("sd35m qkv", 1024, 1536, 1536),
+    ] {
+        let x = rng.tensor(&[1, rows, inp], 1.0);
+        let w = rng.tensor(&[outf, inp], 0.05);
+        let bias = rng.tensor(&[outf], 0.1);
+        let xt = up(&x)?;
+        let wt = WeightTensor::from_host("w", &w);
+        let bt = WeightTensor::from_host("b", &bias);
+        let mut specs = vec![(
+            format!("linear {name} [{rows}x{inp}]x[{outf}]"),
+            LinearQuant::None,
+        )];
+        if fp8 {
+            specs.push((
+                format!("linear fp8 e4m3xe4m3 {name}"),
+                fp8_quant(&w, Fp8Format::E4M3, amax(&x) / 448.0),
+            ));
+            specs.push((
+                format!("linear fp8 e4m3(w)xe5m2(x) {name}"),
+                fp8_quant(&w, Fp8Format::E5M2, amax(&x) / 57344.0 * 64.0),
+            ));
+        }
+        for (label, quant) in specs {
+            let spec = LinearSpec {
+                name: label.clone(),
+                in_features: inp,
+                out_features: outf,
+                quant,
+            };
+            let l = b.load_linear(&spec, &wt, Some(&bt))?;
+            out.push((label, b.download(&b.linear(&xt, &l)?)?));
+        }
+    }
+
+    // Norms + adaLN.
+    let x = rng.tensor(&[2, 77, 320], 2.0);
+    let xt = up(&x)?;
+    let g = up(&rng.tensor(&[320], 1.0))?;
+    let be = up(&rng.tensor(&[320], 0.5))?;
+    let shift = up(&rng.tensor(&[2, 320], 0.5))?;
+    let scale = up(&rng.tensor(&[2, 320], 0.5))?;
+    let gate = up(&rng.tensor(&[2, 320], 0.5))?;
+    let ln = b.layer_norm(&xt, None, None, 1e-6)?;
+    let m = b.modulate(&ln, &shift, &scale)?;
+    out.push(("layer_norm (no affine)".into(), b.download(&ln)?));
+    out.push(("layer_norm + modulate".into(), b.download(&m)?));
+    out.push((
+        "layer_norm affine".into(),
+        b.download(&b.layer_norm(&xt, Some(&g), Some(&be), 1e-5)?)?,
+    ));
+    out.push((
+        "rms_norm".into(),
+        b.download(&b.rms_norm(&xt, Some(&g), 1e-6)?)?,
+    ));
+    out.push((
+        "gated_add".into(),
+        b.download(&b.gated_add(&xt, &gate, &m)?)?,
+    ));
+    let img = up(&rng.tensor(&[2, 64, 13, 11], 3.0))?;
+    let gg = up(&rng.tensor(&[64], 1.0))?;
+    let gb = up(&rng.tensor(&[64], 0.5))?;
+    out.push((
+        "group_norm 32 groups".into(),
+        b.download(&b.group_norm(&img, 32, &gg, &gb, 1e-6)?)?,
+    ));
+
+    // Activations and elementwise.
+    for act in [
+        Activation::Silu,
+        Activation::Gelu,
+        Activation::GeluTanh,
+        Activation::QuickGelu,
+        Activation::Relu,
+    ] {
+        out.push((
+            format!("activation {act:?}"),
+            b.download(&b.activation(&xt, act)?)?,
+        ));
+    }
+    let y = up(&rng.tensor(&[2, 77, 320], 1.0))?;
+    let row = up(&rng.tensor(&[320], 1.0))?;
+    let lead = up(&rng.tensor(&[1, 77, 320], 1.0))?;
+    out.push(("add".into(), b.download(&b.add(&xt, &y)?)?));
+    out.push(("add [C]".into(), b.download(&b.add(&xt, &row)?)?));
+    out.push(("add [1,..]".into(), b.download(&b.add(&xt, &lead)?)?));
+    out.push(("mul".into(), b.download(&b.mul(&xt, &y)?)?));
+    out.push((
+        "scale_shift".into(),
+        b.download(&b.scale_shift(&xt, 0.7, -0.2)?)?,
+    ));
+    out.push(("guidance".into(), b.download(&b.guidance(&xt, &y, 5.0)?)?));
+    out.push((
+        "euler_step".into(),
+        b.download(&b.euler_step(&xt, &y, -0.05)?)?,
+    ));
+
+    // Layout.
+    out.push(("concat dim1".into(), b.download(&b.concat(&[&xt, &y], 1)?)?));
+    out.push((
+        "concat dim2".into(),
+        b.download(&b.concat(&[&xt, &y, &xt], 2)?)?,
+    ));
+    out.push(("narrow".into(), b.download(&b.narrow(&xt, 1, 5, 33)?)?));
+    let r4 = b.reshape(&xt, &[2, 77, 5, 64])?;
+    out.push((
+        "permute 0213".into(),
+        b.download(&b.permute(&r4, &[0, 2, 1, 3])?)?,
+    ));
+    out.push((
+        "permute 3102".into(),
+        b.download(&b.permute(&r4, &[3, 1, 0, 2])?)?,
+    ));
+    out.push(("pad_last".into(), b.download(&b.pad_last(&xt, 333)?)?));
+    out.push((
+        "upsample2x".into(),
+        b.download(&b.upsample_nearest2x(&img)?)?,
+    ));
+    let table = up(&rng.tensor(&[1000, 96], 1.0))?;
+    let ids: Vec<u32> = (0..2 * 9).map(|i| (i * 137 % 1000) as u32).collect();
+    out.push((
+        "embedding".into(),
+        b.download(&b.embedding(&table, &ids, 2, 9)?)?,
+    ));
+    out.push((
+        "select_tokens".into(),
+        b.download(&b.select_tokens(&xt, &[3, 76])?)?,
+    ));
+
+    // Convolutions.
+    let cx = up(&rng.tensor(&[2, 8, 17, 19], 1.0))?;
+    for (label, cout, k, stride, pad) in [
+        ("conv 3x3 s1 p1", 16usize, 3usize, 1usize, 1usize),
+        ("conv 3x3 s2 p0", 12, 3, 2, 0),
+        ("conv 1x1", 24, 1, 1, 0),
+    ] {
+        let w = up(&rng.tensor(&[cout, 8, k, k], 0.2))?;
+        let bias = up(&rng.tensor(&[cout], 0.1))?;
+        let p = Conv2dParams {
+            stride,
+            padding: pad,
+        };
+        out.push((
+            label.into(),
+            b.download(&b.conv2d(&cx, &w, Some(&bias), p)?)?,
+        ));
+    }
+
+    // Attention: small odd sizes, causal (CLIP), bias (T5), joint 4096 + 333 at head dim 64,
+    // single-head VAE style.
+    let att = |bs: usize,
+               sq: usize,
+               sk: usize,
+               heads: usize,
+               d: usize,
+               causal: bool,
+               bias: bool,
+               rng: &mut Rng|
+     -> R<HostTensor> {
+        let q = up(&rng.tensor(&[bs, sq, heads * d], 1.0))?;
+        let k = up(&rng.tensor(&[bs, sk, heads * d], 1.0))?;
+        let v = up(&rng.tensor(&[bs, sk, heads * d], 1.0))?;
+        let bt = if bias {
+            Some(up(&rng.tensor(&[heads, sq, sk], 1.0))?)
+        } else {
+            None
+        };
+        let p = AttentionParams {
+            heads,
+            scale: 1.0 / (d as f32).sqrt(),
+            causal,
+            bias: bt.as_ref(),
+        };
+        Ok(b.download(&b.attention(&q, &k, &v, p)?)?)
+    };
+    out.push((
+        "attention small 2x7x5 h3 d20".into(),
+        att(2, 7, 5, 3, 20, false, false, &mut rng)?,
+    ));
+    out.push((
+        "attention causal 2x77 h4 d64 (CLIP)".into(),
+        att(2, 77, 77, 4, 64, true, false, &mut rng)?,
+    ));
+    out.push((
+        "attention bias 1x13 h4 d64 (T5)".into(),
+        att(1, 13, 13, 4, 64, false, true, &mut rng)?,
+    ));
+    out.push((
+        "attention vae 1x64 h1 d96".into(),
+        att(1, 64, 64, 1, 96, false, false, &mut rng)?,
+    ));
+    out.push((
+        "attention joint 4096+333 h2 d64".into(),
+        att(1, 4429, 4429, 2, 64, false, false, &mut rng)?,
+    ));
+    Ok(out)
+}
+
+fn compare(
+    rep: &mut Report,
+    tag: &str,
+    cpu: &[(String, HostTensor)],
+    gpu: &[(String, HostTensor)],
+    tol: f32,
+) {
+    for ((name, c), (_, g)) in cpu.iter().zip(gpu) {
+        let (abs, rel) = errs(g, c);
+        let differ = g.data.iter().zip(&c.data).filter(|(a, b)| a != b).count();
+        // FP8 linears: accumulation order differs, codes are identical; bound like BF16.
+        rep.check(
+            &format!("[{tag}] {name}"),
+            rel <= tol && g.data.iter().all(|v| v.is_finite()),
+            format!(
+                "max abs err {abs:.3e}, max rel err {rel:.3e} (bound {tol:.0e}); {:.3}% of values differ",
+                100.0 * differ as f64 / c.data.len().max(1) as f64
+            ),
+        );
+    }
+}
+
+fn quantize_codes(rep: &mut Report, gpu: &CudaBackend) -> R<()> {
+    let mut rng = Rng(42);
+    let mut vals: Vec<f32> = (0..100_000).map(|_| rng.normal() * 50.0).collect();
+    vals.extend([
+        0.0,
+        -0.0,
+        1e-9,
+        -1e-9,
+        1e-3,
+        447.9,
+        448.0,
+        464.0,
+        480.0,
+        1e6,
+        -1e6,
+        57344.0,
+        61440.0,
+        1e30,
+        -1e30,
+        0.0019531,
+        0.00097656,
+        1.5e-5,
+        2.0f32.powi(-16),
+        2.0f32.powi(-17),
+    ]);
+    // Every representable ratio's midpoint neighbourhood via a sweep.
+    for i in 0..20_000 {
+        vals.push((i as f32 - 10_000.0) * 0.0371);
+    }
+    let x = gpu.upload(&HostTensor::new(vec![vals.len()], vals.clone())?)?;
+    // upload rounds to BF16 in BF16/FP8 precision: quantize what the GPU holds.
+    let held = gpu.download(&x)?.data;
+    for fmt in Fp8Format::ALL {
+        for scale in [1.0f32, 0.37, 0.013] {
+            let codes = gpu.quantize_fp8(&x, fmt, scale)?;
+            let mut want = vec![0u8; held.len()];
+            sd_fp8::quantize_slice(fmt, &held, scale, &mut want);
+            let bad = codes.iter().zip(&want).filter(|(a, b)| a != b).count();
+            rep.check(
+                &format!("fp8 quantize codes {} scale {scale}", fmt.name()),
+                bad == 0,
+                format!("{bad} of {} codes differ from sd-fp8", held.len()),
+            );
+        }
+    }
+    Ok(())
+}
+
+/// An FP8 plan for the tiny transformer: every linear of the joint blocks, E4M3 weights
+/// with per-channel scales (channel amax / 448); activation scales: E4M3 amax 16, the MLP
+/// down projections' inputs (after GELU) E5M2.
+fn tiny_plan(ckpt: &Checkpoint) -> R<PrecisionPlan> {
+    let w = ckpt.weights(sd_checkpoint::component::TRANSFORMER)?;
+    let mut plan = PrecisionPlan::default();
+    for name in w.names() {
+        let Some(prefix) = name.strip_suffix(".weight") else {
+            continue;
+        };
+        if !prefix.starts_with("transformer_blocks.") {
+            continue;
+        }
+        let t = w.get(&name)?;
+        if t.shape.len() != 2 {
+            continue;
+        }
+        let host = t.to_host();
+        let (fmt, scale) = if prefix.ends_with("ff.net.2") || prefix.ends_with("ff_context.net.2") {
+            (Fp8Format::E5M2, 8.0 / 57344.0)
+        } else {
+            (Fp8Format::E4M3, 16.0 / 448.0)
+        };
+        plan.layers
+            .insert(prefix.to_string(), fp8_quant(&host, fmt, scale));
+    }
+    Ok(plan)
+}
+
+fn generate<B: Backend>(ckpt: &Checkpoint, b: B, plan: &PrecisionPlan) -> R<(Vec<f32>, f64)> {
+    generate_g(ckpt, b, plan, 5.0)
+}
+
+fn generate_g<B: Backend>(
+    ckpt: &Checkpoint,
+    b: B,
+    plan: &PrecisionPlan,
+    guidance: f32,
+) -> R<(Vec<f32>, f64)> {
+    let p = Sd3Pipeline::load(ckpt, b, plan)?;
+    let request = GenerateRequest {
+        prompt: "a red circle on the left, a small blue square, green background".into(),
+        width: 256,
+        height: 256,
+        steps: 4,
+        guidance_scale: guidance,
+        max_sequence_length: 64,
+        seed: 7,
+        ..Default::default()
+    };
+    let t = Instant::now();
+    let g = p.generate(request, &mut |_, _| {})?;
+    Ok((g.image.float, t.elapsed().as_secs_f64()))
+}
+
+fn pipelines(rep: &mut Report, model: &PathBuf, fp8_ok: bool) -> R<()> {
+    let ckpt = Checkpoint::open(model)?;
+    let name = model
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let none = PrecisionPlan::full_precision();
+    let (cpu_img, cpu_s) = generate(&ckpt, CpuBackend::new(ComputePrecision::Bf16), &none)?;
+    let (gpu_img, gpu_s) = generate(&ckpt, CudaBackend::new(0, CudaPrecision::Bf16)?, &none)?;
+    let db = psnr(&gpu_img, &cpu_img);
+    rep.check(
+        &format!("pipeline {name} cuda bf16 vs cpu bf16"),
+        db >= 35.0,
+        format!("PSNR {db:.2} dB (bound 35; cpu {cpu_s:.2}s, cuda {gpu_s:.2}s)"),
+    );
+    if fp8_ok {
+        let plan = tiny_plan(&ckpt)?;
+        let (cpu8, _) = generate(&ckpt, CpuBackend::new(ComputePrecision::Bf16), &plan)?;
+        let (gpu8, gpu8_s) = generate(&ckpt, CudaBackend::new(0, CudaPrecision::Fp8)?, &plan)?;
+        let db8 = psnr(&gpu8, &cpu8);
+        let (gx, gx_s) = generate(
+            &ckpt,
+            CudaBackend::new(0, CudaPrecision::Fp8)?.with_fp8_gemm(Fp8Gemm::ExactViaBf16),
+            &plan,
+        )?;
+        let dbx = psnr(&gx, &cpu8);
+        rep.check(
+            &format!(
+                "pipeline {name} cuda fp8 (exact via bf16 tensor cores) vs cpu fp8 simulation"
+            ),
+            dbx >= 35.0,
+            format!("PSNR {dbx:.2} dB (bound 35; cuda {gx_s:.2}s)"),
+        );
+        rep.line(format!(
+            "info: {name}: cuda fp8 native vs cuda fp8 exact: PSNR {:.2} dB",
+            psnr(&gpu8, &gx)
+        ));
+        let (cpu8f, _) = generate(&ckpt, CpuBackend::new(ComputePrecision::F32), &plan)?;
+        rep.line(format!(
+            "info: {name}: sensitivity of the tiny model: cpu fp8 sim with BF16 vs FP32 elsewhere: PSNR {:.2} dB",
+            psnr(&cpu8, &cpu8f)
+        ));
+        // FP8 layers with FP32 everywhere else: far fewer rounding flips upstream.
+        for mode in [Fp8Gemm::Native, Fp8Gemm::ExactViaBf16] {
+            let (g, _) = generate(
+                &ckpt,
+                CudaBackend::new(0, CudaPrecision::F32)?.with_fp8_gemm(mode),
+                &plan,
+            )?;
+            rep.line(format!(
+                "info: {name}: fp8 layers + fp32 elsewhere, cuda ({mode:?}) vs cpu simulation: PSNR {:.2} dB",
+                psnr(&g, &cpu8f)
+            ));
+        }
+        // Without classifier-free guidance (no 5x amplification of cond - uncond).
+        let (c1, _) = generate_g(&ckpt, CpuBackend::new(ComputePrecision::Bf16), &plan, 1.0)?;
+        for mode in [Fp8Gemm::Native, Fp8Gemm::ExactViaBf16] {
+            let (g, _) = generate_g(
+                &ckpt,
+                CudaBackend::new(0, CudaPrecision::Fp8)?.with_fp8_gemm(mode),
+                &plan,
+                1.0,
+            )?;
+            rep.line(format!(
+                "info: {name}: guidance 1.0, cuda fp8 ({mode:?}) vs cpu fp8 simulation: PSNR {:.2} dB",
+                psnr(&g, &c1)
+            ));
+        }
+        let (cb1, _) = generate_g(&ckpt, CpuBackend::new(ComputePrecision::Bf16), &none, 1.0)?;
+        let (gb1, _) = generate_g(&ckpt, CudaBackend::new(0, CudaPrecision::Bf16)?, &none, 1.0)?;
+        rep.line(format!(
+            "info: {name}: guidance 1.0, cuda bf16 vs cpu bf16: PSNR {:.2} dB",
+            psnr(&gb1, &cb1)
+        ));
+        rep.check(
+            &format!(
+                "pipeline {name} cuda fp8 vs cpu fp8 simulation ({} FP8 layers)",
+                plan.fp8_layer_count()
+            ),
+            db8 >= 35.0,
+            format!("PSNR {db8:.2} dB (bound 35; cuda {gpu8_s:.2}s)"),
+        );
+        let vs_bf16 = psnr(&gpu8, &cpu_img);
+        rep.line(format!(
+            "info: {name}: cuda fp8 image vs cpu bf16 image: PSNR {vs_bf16:.2} dB"
+        ));
+    }
+    Ok(())
+}
+
+/// GEMM throughput at SD3.5-medium shapes (batch 2 x 4,429 tokens), for information:
+/// descriptors and heuristics are rebuilt on every call here.
+fn bench(rep: &mut Report, g: &CudaBackend) -> R<()> {
+    let mut rng = Rng(5);
+    let rows = 2 * 4429;
+    for (inp, outf) in [(1536usize, 1536usize), (1536, 6144), (6144, 1536)] {
+        let x = g.upload(&rng.tensor(&[2, 4429, inp], 1.0))?;
+        let w = rng.tensor(&[outf, inp], 0.05);
+        let wt = WeightTensor::from_host("w", &w);
+        for (label, quant) in [
+            ("bf16", LinearQuant::None),
+            ("fp8 e4m3", fp8_quant(&w, Fp8Format::E4M3, 4.0 / 448.0)),
+        ] {
+            let spec = LinearSpec {
+                name: label.into(),
+                in_features: inp,
+                out_features: outf,
+                quant,
+            };
+            let l = g.load_linear(&spec, &wt, None)?;
+            for _ in 0..3 {
+                g.linear(&x, &l)?;
+            }
+            g.synchronize()?;
+            let n = 20;
+            let t = Instant::now();
+            for _ in 0..n {
+                g.linear(&x, &l)?;
+            }
+            g.synchronize()?;
+            let s = t.elapsed().as_secs_f64() / n as f64;
+            let tflops = 2.0 * (rows * inp * outf) as f64 / s / 1e12;
+            rep.line(format!(
+                "bench linear {label} [{rows}x{inp}]x[{outf}]: {:.3} ms/call incl. input cast + epilogue, {tflops:.0} TFLOP/s",
+                s * 1e3
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn run(rep: &mut Report, model: &PathBuf) -> R<()> {
+    let g32 = CudaBackend::new(0, CudaPrecision::F32)?;
+    rep.line(format!(
+        "device: {} (compute capability {}.{}), kernel build id {}",
+        g32.gpu_name(),
+        g32.compute_capability().0,
+        g32.compute_capability().1,
+        g32.kernel_build_id()
+    ));
+    let (gl, fp8_ok) = match CudaBackend::new(0, CudaPrecision::Fp8) {
+        Ok(b) => (b, true),
+        Err(e) => {
+            rep.line(format!("FP8 unavailable ({e}); BF16 only"));
+            (CudaBackend::new(0, CudaPrecision::Bf16)?, false)
+        }
+    };
+    let t = Instant::now();
+    let cpu32 = suite(&CpuBackend::new(ComputePrecision::F32), false)?;
+    let gpu32 = suite(&g32, false)?;
+    compare(rep, "f32", &cpu32, &gpu32, 2e-5);
+    let cpu16 = suite(&CpuBackend::new(ComputePrecision::Bf16), fp8_ok)?;
+    let gpu16 = suite(&gl, fp8_ok)?;
+    compare(rep, "bf16", &cpu16, &gpu16, 1e-2);
+    if fp8_ok {
+        let gx = CudaBackend::new(0, CudaPrecision::Fp8)?.with_fp8_gemm(Fp8Gemm::ExactViaBf16);
+        let gpux = suite(&gx, true)?;
+        let lin = |v: &[(String, HostTensor)]| -> Vec<(String, HostTensor)> {
+            v.iter()
+                .filter(|(n, _)| n.starts_with("linear"))
+                .cloned()
+                .collect()
+        };
+        compare(rep, "fp8-exact-via-bf16", &lin(&cpu16), &lin(&gpux), 1e-2);
+    }
+    rep.line(format!("op suites took {:.1}s", t.elapsed().as_secs_f64()));
+    if fp8_ok {
+        bench(rep, &gl)?;
+    }
+    quantize_codes(rep, &gl)?;
+    // Several caller threads share one backend (its owner thread serializes them).
+    let mut rng = Rng(11);
+    let inputs: Vec<HostTensor> = (0..8).map(|_| rng.tensor(&[3, 50, 64], 1.0)).collect();
+    let serial: Vec<HostTensor> = inputs
+        .iter()
+        .map(|x| gl.download(&gl.activation(&gl.upload(x)?, Activation::Silu)?))
+        .collect::<sd_model::Result<_>>()?;
+    let parallel: Vec<HostTensor> = std::thread::scope(|s| {
+        let hs: Vec<_> = inputs
+            .iter()
+            .map(|x| {
+                let g = &gl;
+                s.spawn(move || g.download(&g.activation(&g.upload(x)?, Activation::Silu)?))
+            })
+            .collect();
+        hs.into_iter()
+            .map(|h| h.join().expect("caller thread"))
+            .collect::<sd_model::Result<Vec<_>>>()
+    })?;
+    let same = serial.iter().zip(&parallel).all(|(a, b)| a.data == b.data);
+    rep.check(
+        "8 caller threads on one backend",
+        same,
+        format!(
+            "results {}identical to serial calls",
+            if same { "" } else { "NOT " }
+        ),
+    );
+    if model.is_dir() {
+        pipelines(rep, model, fp8_ok)?;
+        // The other tiny models next to it, when present.
+        for other in ["tiny-sd3", "tiny-sd35l-no-t5"] {
+            let dir = model.with_file_name(other);
+            if dir.is_dir() && dir != *model {
+                pipelines(rep, &dir, fp8_ok)?;
+            }
+        }
+    } else {
+        rep.check(
+            "pipeline",
+            false,
+            format!("model dir {} missing", model.display()),
+        );
+    }
+    Ok(())
+}
+
+/// Checks the test code itself on the CPU backends (no GPU): `gpu_tests --cpu-only`.
+fn cpu_only(model: &PathBuf) -> R<()> {
+    let a = suite(&CpuBackend::new(ComputePrecision::F32), false)?;
+    let b = suite(&CpuBackend::new(ComputePrecision::Bf16), true)?;
+    println!("cpu suites: {} and {} results", a.len(), b.len());
+    let ckpt = Checkpoint::open(model)?;
+    let plan = tiny_plan(&ckpt)?;
+    let (img, s) = generate(&ckpt, CpuBackend::new(ComputePrecision::Bf16), &plan)?;
+    println!(
+        "cpu fp8 plan ({} layers): {} pixels in {s:.2}s",
+        plan.fp8_layer_count(),
+        img.len()
+    );
+    Ok(())
+}
+
+fn main() {
+    if std::env::args().nth(1).as_deref() == Some("--cpu-only") {
+        let model = PathBuf::from(
+            std::env::args()
+                .nth(2)
+                .unwrap_or_else(|| "models/tiny-sd35m".into()),
+        );
+        if let Err(e) = cpu_only(&model) {
+            eprintln!("error: {e}");
+            std::process::exit(1);
+        }
+        return;
+    }
+    let mut args = std::env::args().skip(1);
+    let model = PathBuf::from(args.next().unwrap_or_else(|| "models/tiny-sd35m".into()));
+    let out = PathBuf::from(
+        args.next()
+            .or_else(|| std::env::var("OUT").ok())
+            .unwrap_or_else(|| ".".into()),
+    );
+    let mut rep = Report {
+        text: String::new(),
+        failures: Vec::new(),
+    };
+    if let Err(e) = run(&mut rep, &model) {
+        rep.check("suite", false, format!("error: {e}"));
+    }
+    let _ = writeln!(rep.text, "\n{} failure(s)", rep.failures.len());
+    let _ = std::fs::create_dir_all(&out);
+    let _ = std::fs::write(out.join("gpu_tests.txt"), &rep.text);
+    println!("{} failure(s)", rep.failures.len());
+    for f in &rep.failures {
+        println!("  {f}");
+    }
+    std::process::exit(i32::from(!rep.failures.is_empty()));
+}

@@ -1,0 +1,156 @@
+// Row normalizations, one block per row (layer norm, RMS norm) or per (entry, group)
+// (group norm). Statistics in f64 and the final arithmetic in the CPU backend's order, so
+// that both round to the same f32 (and BF16) values almost always.
+#include <cuda_bf16.h>
+
+extern "C" __global__ void layer_norm_f32(const float* __restrict__ x, const float* __restrict__ g,
+                                          const float* __restrict__ b, float* __restrict__ y,
+                                          int c, float eps, int r) {
+    __shared__ double red[32];
+    const float* row = x + (unsigned long long)blockIdx.x * c;
+    float* out = y + (unsigned long long)blockIdx.x * c;
+    double s = 0.0;
+    for (int i = threadIdx.x; i < c; i += blockDim.x) s += (double)row[i];
+    const double mean = sd_block_sum_d(s, red) / c;
+    double v = 0.0;
+    for (int i = threadIdx.x; i < c; i += blockDim.x) {
+        const double d = (double)row[i] - mean;
+        v += d * d;
+    }
+    const double inv = 1.0 / sqrt(sd_block_sum_d(v, red) / c + (double)eps);
+    for (int i = threadIdx.x; i < c; i += blockDim.x) {
+        float o = (float)(((double)row[i] - mean) * inv);
+        if (g) o *= g[i];
+        if (b) o += b[i];
+        out[i] = sd_round(o, r);
+    }
+}
+
+extern "C" __global__ void rms_norm_f32(const float* __restrict__ x, const float* __restrict__ g,
+                                        float* __restrict__ y, int c, float eps, int r) {
+    __shared__ double red[32];
+    const float* row = x + (unsigned long long)blockIdx.x * c;
+    float* out = y + (unsigned long long)blockIdx.x * c;
+    double s = 0.0;
+    for (int i = threadIdx.x; i < c; i += blockDim.x) s += (double)row[i] * (double)row[i];
+    const float inv = (float)(1.0 / sqrt(sd_block_sum_d(s, red) / c + (double)eps));
+    for (int i = threadIdx.x; i < c; i += blockDim.x) {
+        out[i] = sd_round(row[i] * inv * (g ? g[i] : 1.0f), r);
+    }
+}
+
+// x [B, C, H, W]; block = (entry, group); cg channels of hw pixels each.
+extern "C" __global__ void group_norm_f32(const float* __restrict__ x, const float* __restrict__ g,
+                                          const float* __restrict__ b, float* __restrict__ y,
+                                          int groups, int cg, unsigned long long hw, float eps,
+                                          int r) {
+    __shared__ double red[32];
+    const unsigned long long block = (unsigned long long)cg * hw;
+    const float* in = x + blockIdx.x * block;
+    float* out = y + blockIdx.x * block;
+    const int grp = blockIdx.x % groups;
+    double s = 0.0;
+    for (unsigned long long i = threadIdx.x; i < block; i += blockDim.x) s += (double)in[i];
+    const double mean = sd_block_sum_d(s, red) / (double)block;
+    double v = 0.0;
+    for (unsigned long long i = threadIdx.x; i < block; i += blockDim.x) {
+        const double d = (double)in[i] - mean;
+        v += d * d;
+    }
+    const double inv = 1.0 / sqrt(sd_block_sum_d(v, red) / (double)block + (double)eps);
+    for (unsigned long long i = threadIdx.x; i < block; i += blockDim.x) {
+        const int ch = grp * cg + (int)(i / hw);
+        out[i] = sd_round((float)(((double)in[i] - mean) * inv) * g[ch] + b[ch], r);
+    }
+}
+
+// RMS norm of short rows (c <= 1024), one warp per row: the same f64 statistics and
+// final arithmetic as rms_norm_f32, without a block per 64-value row.
+extern "C" __global__ void rms_norm_warp_f32(const float* __restrict__ x, const float* __restrict__ g,
+                                             float* __restrict__ y, unsigned long long rows, int c,
+                                             float eps, int r) {
+    const unsigned long long row = ((unsigned long long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    const int lane = threadIdx.x & 31;
+    if (row >= rows) return;
+    const float* in = x + row * c;
+    float* out = y + row * c;
+    double s = 0.0;
+    for (int i = lane; i < c; i += 32) s += (double)in[i] * (double)in[i];
+    for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+    const float inv = (float)(1.0 / sqrt(s / c + (double)eps));
+    for (int i = lane; i < c; i += 32) out[i] = sd_round(in[i] * inv * (g ? g[i] : 1.0f), r);
+}
+
+// Group norm split over many blocks: grid (entry*group, chunks). Pass 1: f64 partial
+// sums per chunk; pass 2: the mean (partials summed in order by one thread) and f64
+// partial sums of squared deviations; pass 3: mean and 1/std from the partials, then
+// the same final arithmetic as group_norm_f32.
+__device__ __forceinline__ void gn_range(unsigned long long len, int chunks, unsigned long long* a,
+                                         unsigned long long* b) {
+    const unsigned long long per = (len + chunks - 1) / chunks;
+    *a = per * blockIdx.y;
+    *b = min(len, *a + per);
+}
+
+extern "C" __global__ void group_norm_sum(const float* __restrict__ x, double* __restrict__ part,
+                                          unsigned long long len) {
+    __shared__ double red[32];
+    const float* in = x + blockIdx.x * len;
+    unsigned long long a, b;
+    gn_range(len, gridDim.y, &a, &b);
+    double s = 0.0;
+    for (unsigned long long i = a + threadIdx.x; i < b; i += blockDim.x) s += (double)in[i];
+    s = sd_block_sum_d(s, red);
+    if (threadIdx.x == 0) part[blockIdx.x * gridDim.y + blockIdx.y] = s;
+}
+
+extern "C" __global__ void group_norm_var(const float* __restrict__ x, const double* __restrict__ psum,
+                                          double* __restrict__ pvar, unsigned long long len) {
+    __shared__ double red[32];
+    __shared__ double mean_s;
+    const float* in = x + blockIdx.x * len;
+    if (threadIdx.x == 0) {
+        double t = 0.0;
+        for (int j = 0; j < (int)gridDim.y; ++j) t += psum[blockIdx.x * gridDim.y + j];
+        mean_s = t / (double)len;
+    }
+    __syncthreads();
+    const double mean = mean_s;
+    unsigned long long a, b;
+    gn_range(len, gridDim.y, &a, &b);
+    double v = 0.0;
+    for (unsigned long long i = a + threadIdx.x; i < b; i += blockDim.x) {
+        const double d = (double)in[i] - mean;
+        v += d * d;
+    }
+    v = sd_block_sum_d(v, red);
+    if (threadIdx.x == 0) pvar[blockIdx.x * gridDim.y + blockIdx.y] = v;
+}
+
+extern "C" __global__ void group_norm_apply(const float* __restrict__ x, const double* __restrict__ psum,
+                                            const double* __restrict__ pvar, const float* __restrict__ g,
+                                            const float* __restrict__ bta, float* __restrict__ y,
+                                            int groups, int cg, unsigned long long hw, float eps, int r) {
+    __shared__ double st[2];
+    const unsigned long long len = (unsigned long long)cg * hw;
+    if (threadIdx.x == 0) {
+        double t = 0.0, v = 0.0;
+        for (int j = 0; j < (int)gridDim.y; ++j) {
+            t += psum[blockIdx.x * gridDim.y + j];
+            v += pvar[blockIdx.x * gridDim.y + j];
+        }
+        st[0] = t / (double)len;
+        st[1] = 1.0 / sqrt(v / (double)len + (double)eps);
+    }
+    __syncthreads();
+    const double mean = st[0], inv = st[1];
+    const float* in = x + blockIdx.x * len;
+    float* out = y + blockIdx.x * len;
+    const int grp = blockIdx.x % groups;
+    unsigned long long a, b;
+    gn_range(len, gridDim.y, &a, &b);
+    for (unsigned long long i = a + threadIdx.x; i < b; i += blockDim.x) {
+        const int ch = grp * cg + (int)(i / hw);
+        out[i] = sd_round((float)(((double)in[i] - mean) * inv) * g[ch] + bta[ch], r);
+    }
+}

@@ -1,0 +1,2565 @@
+//! The CUDA execution backend.
+//!
+//! * cudarc with `dynamic-loading`: this crate builds anywhere; libcuda, libnvrtc and
+//!   libcublasLt are opened when [`CudaBackend::new`] runs, with a clear error naming the
+//!   library that is missing.
+//! * Linear layers run on cuBLASLt: BF16 x BF16 -> f32 (BF16 precision), FP8 E4M3
+//!   weights x FP8 E4M3/E5M2 activations -> f32 (FP8 layers, "TN" layout, the activation
+//!   scale as a device pointer in its own allocation), f32 x f32 (F32 precision). Per
+//!   output-channel weight scales and the bias are applied by an epilogue kernel.
+//! * Everything else runs on the project's kernels (`kernels/*.cu`), compiled by NVRTC.
+//! * Tensors are f32 device buffers. In BF16 and FP8 precision every operation's output
+//!   is rounded to bfloat16 (f32 accumulation), exactly the CPU backend's BF16 mode, and
+//!   linear-layer inputs are handed to the tensor cores as BF16 / FP8.
+//! * One owner thread per GPU holds the context (bound once), the stream, the cuBLASLt
+//!   handle and its workspace; the `Backend` methods send it jobs and wait for them.
+
+mod error;
+pub mod kernels;
+
+use std::collections::HashMap;
+use std::ffi::c_void;
+use std::sync::{Arc, Mutex, mpsc};
+
+use cudarc::cublaslt::{result as lt, sys as ltsys};
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DeviceRepr, LaunchConfig,
+    PushKernelArg, ValidAsZeroBits,
+};
+use sd_fp8::Fp8Format;
+use sd_model::backend::{Activation, AttentionParams, Backend, Conv2dParams, LinearSpec};
+use sd_model::plan::LinearQuant;
+use sd_model::{HostTensor, ModelError, WeightTensor};
+
+pub use error::{CudaError, Result};
+pub use kernels::{
+    CompiledKernels, KERNEL_SOURCES, compile_kernels, compile_kernels_with, find_cuda_include,
+    kernel_build_id, nvrtc_version,
+};
+
+/// What the non-FP8 work computes in, and whether FP8 layers are allowed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CudaPrecision {
+    /// f32 everywhere (f32 GEMMs, no rounding): a GPU twin of the CPU FP32 mode. FP8
+    /// plan entries run in FP8 (compute capability 8.9+), the rest in f32.
+    F32,
+    /// BF16 GEMMs, BF16-rounded outputs, f32 accumulation; FP8 plan entries refused.
+    Bf16,
+    /// As BF16, plus FP8 linear layers where the plan says (needs compute capability 8.9).
+    Fp8,
+}
+
+/// A device buffer that may be dropped on any thread: the context is made current on
+/// the dropping thread first (the free is stream-ordered on the owner's stream).
+struct DeviceBuf(CudaSlice<f32>);
+
+impl Drop for DeviceBuf {
+    fn drop(&mut self) {
+        let _ = self.0.context().bind_to_thread();
+    }
+}
+
+/// A device tensor: f32 values (BF16-rounded in BF16/FP8 precision) and a shape.
+#[derive(Clone)]
+pub struct CudaTensor {
+    shape: Vec<usize>,
+    buf: Arc<DeviceBuf>,
+}
+
+impl CudaTensor {
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+}
+
+enum LinearKind {
+    F32 {
+        w: CudaSlice<f32>,
+    },
+    /// BF16 bits, `[out, in]` row-major = cuBLASLt's column-major `[in, out]`, used
+    /// transposed ("T" of TN).
+    Bf16 {
+        w: CudaSlice<u16>,
+    },
+    /// FP8 codes `[out, in]`, per-output-channel scales applied after the GEMM.
+    Fp8 {
+        w: CudaSlice<u8>,
+        wscale: CudaSlice<f32>,
+        act: Fp8Format,
+        act_scale: f32,
+        /// The activation scale, alone in its own allocation (cuBLASLt's B scale).
+        act_scale_dev: CudaSlice<f32>,
+    },
+    /// Exact FP8 numerics on BF16 tensor cores: FP8 codes widened to BF16 (exact), full
+    /// f32 accumulation, `alpha` = activation scale, per-channel scales after the GEMM.
+    Fp8ViaBf16 {
+        w: CudaSlice<u16>,
+        wscale: CudaSlice<f32>,
+        act: Fp8Format,
+        act_scale: f32,
+    },
+    /// FP8 numerics on an f32 GEMM (dequantized weights, fake-quantized inputs), for
+    /// shapes cuBLASLt's FP8 path does not take (in or out features not multiples of 16).
+    Fp8Emulated {
+        w: CudaSlice<f32>,
+        act: Fp8Format,
+        act_scale: f32,
+    },
+}
+
+/// A prepared linear layer.
+pub struct CudaLinear {
+    pub spec: LinearSpec,
+    kind: LinearKind,
+    bias: Option<CudaSlice<f32>>,
+}
+
+impl Drop for CudaLinear {
+    fn drop(&mut self) {
+        // Runs before the fields' own drops: their frees need a current context.
+        if let Some(b) = &self.bias {
+            let _ = b.context().bind_to_thread();
+        }
+        let ctx = match &self.kind {
+            LinearKind::F32 { w } | LinearKind::Fp8Emulated { w, .. } => w.context(),
+            LinearKind::Bf16 { w } | LinearKind::Fp8ViaBf16 { w, .. } => w.context(),
+            LinearKind::Fp8 { w, .. } => w.context(),
+        };
+        let _ = ctx.bind_to_thread();
+    }
+}
+
+impl CudaLinear {
+    /// "f32", "bf16", "fp8 e4m3xe4m3", "fp8 e4m3xe5m2", "fp8-emulated ..."
+    pub fn kind_name(&self) -> String {
+        match &self.kind {
+            LinearKind::F32 { .. } => "f32".into(),
+            LinearKind::Bf16 { .. } => "bf16".into(),
+            LinearKind::Fp8 { act, act_scale, .. } => {
+                format!("fp8 e4m3x{} (activation scale {act_scale})", act.name())
+            }
+            LinearKind::Fp8Emulated { act, .. } => format!("fp8-emulated e4m3x{}", act.name()),
+            LinearKind::Fp8ViaBf16 { act, .. } => format!("fp8-via-bf16 e4m3x{}", act.name()),
+        }
+    }
+}
+
+struct Blas {
+    handle: ltsys::cublasLtHandle_t,
+    workspace: CudaSlice<u8>,
+}
+
+// SAFETY: the handle is only used under the backend's mutex, with the context bound.
+unsafe impl Send for Blas {}
+
+impl Drop for Blas {
+    fn drop(&mut self) {
+        if !self.handle.is_null() {
+            // SAFETY: created by create_handle, destroyed once.
+            let _ = unsafe { lt::destroy_handle(self.handle) };
+        }
+    }
+}
+
+const WORKSPACE_BYTES: usize = 32 << 20;
+const THREADS: u32 = 256;
+
+/// Every kernel the backend launches, by module.
+const KERNEL_NAMES: &[&str] = &[
+    "unary_f32",
+    "binary_f32",
+    "modulate_f32",
+    "gated_add_f32",
+    "linear_epilogue_f32",
+    "channel_bias_f32",
+    "f32_to_bf16",
+    "layer_norm_f32",
+    "rms_norm_f32",
+    "group_norm_f32",
+    "attention_pl1",
+    "attention_pl2",
+    "attention_pl4",
+    "attention_pl8",
+    "attention_pl16",
+    "attention_pl32",
+    "flash_attn_d64",
+    "flash_attn_d64_w8m2",
+    "flash_attn_d64_w4m2",
+    "rms_norm_warp_f32",
+    "group_norm_sum",
+    "group_norm_var",
+    "group_norm_apply",
+    "im2col_bf16",
+    "softmax_rows_bf16",
+    "quantize_fp8",
+    "quantize_fp8_dev",
+    "dequantize_fp8",
+    "fp8_to_bf16",
+    "copy2d_f32",
+    "permute_f32",
+    "upsample2x_f32",
+    "gather_rows_f32",
+    "im2col_f32",
+];
+
+/// A kernel argument.
+#[derive(Clone, Copy)]
+enum Arg {
+    P(u64),
+    I(i32),
+    U(u64),
+    L(i64),
+    F(f32),
+}
+
+/// GEMM in cuBLASLt's column-major terms: `D[m, n] = op(A)[m, k] op(B)[k, n]`.
+struct Gemm {
+    transa: bool,
+    transb: bool,
+    m: u64,
+    n: u64,
+    k: u64,
+    a: u64,
+    a_type: ltsys::cudaDataType,
+    lda: i64,
+    b: u64,
+    b_type: ltsys::cudaDataType,
+    ldb: i64,
+    d: u64,
+    ldd: i64,
+    /// 0 = none
+    b_scale: u64,
+    alpha: f32,
+}
+
+/// How FP8 linear layers run on the GPU.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Fp8Gemm {
+    /// cuBLASLt FP8 tensor-core GEMMs (the fast path). On Hopper the FP8 tensor cores
+    /// accumulate with less than f32 precision inside a K block.
+    #[default]
+    Native,
+    /// The same FP8 codes widened to BF16 (exact) on BF16 tensor cores with f32
+    /// accumulation: the CPU simulation's numerics, at BF16 speed. For validation.
+    ExactViaBf16,
+}
+
+/// The GPU state, owned by the backend's worker thread.
+struct Inner {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    funcs: HashMap<&'static str, CudaFunction>,
+    blas: Mutex<Blas>,
+    precision: CudaPrecision,
+    gpu: String,
+    cc: (i32, i32),
+    build_id: String,
+    fp8_gemm: std::cell::Cell<Fp8Gemm>,
+    /// Flash attention for head dim 64 without mask or bias (BF16/FP8 precision);
+    /// `SD_CUDA_ATTENTION=exact` keeps the exact kernel everywhere.
+    flash: std::cell::Cell<bool>,
+    /// Per-operation timing (`CudaBackend::set_profiling`).
+    profile: std::cell::RefCell<Option<Profile>>,
+    /// A finer profile key set by the running operation (linear layers: kind + shape).
+    op_key: std::cell::Cell<Option<String>>,
+    /// The last FP8-quantized linear input: q, k and v projections of one tensor with
+    /// the same activation scale share one quantization. Holding the source buffer
+    /// keeps its address from being reused while the entry lives.
+    quant_cache: std::cell::RefCell<Option<QuantCache>>,
+    /// cuBLASLt algorithms chosen by the heuristic, per GEMM problem.
+    algo_cache: std::cell::RefCell<HashMap<String, ltsys::cublasLtMatmulAlgo_t>>,
+    /// The device's default stream-ordered memory pool (every allocation comes from it).
+    pool: cudarc::driver::sys::CUmemoryPool,
+    /// Bytes of parameters uploaded (linear weights, their scales and biases, other
+    /// parameters).
+    param_bytes: std::cell::Cell<u64>,
+}
+
+fn default_pool(ctx: &CudaContext) -> Result<cudarc::driver::sys::CUmemoryPool> {
+    let mut pool = std::ptr::null_mut();
+    // SAFETY: out-pointer to a pool handle of this context's device.
+    unsafe { cudarc::driver::sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device()).result()? };
+    Ok(pool)
+}
+
+/// Tilings of the head-dim-64 flash-attention kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FlashVariant {
+    /// 8 warps x 16 query rows (128 per block).
+    W8M1 = 0,
+    /// 8 warps x 32 query rows (256 per block): each K/V fragment feeds two MMAs.
+    W8M2 = 1,
+    /// 4 warps x 32 query rows (128 per block).
+    W4M2 = 2,
+}
+
+impl FlashVariant {
+    pub const ALL: [FlashVariant; 3] = [Self::W8M1, Self::W8M2, Self::W4M2];
+    /// (kernel, query rows per block, threads per block)
+    fn kernel(self) -> (&'static str, usize, u32) {
+        match self {
+            Self::W8M1 => ("flash_attn_d64", 128, 256),
+            Self::W8M2 => ("flash_attn_d64_w8m2", 256, 256),
+            Self::W4M2 => ("flash_attn_d64_w4m2", 128, 128),
+        }
+    }
+    pub fn name(self) -> &'static str {
+        self.kernel().0
+    }
+}
+
+/// 255 = not chosen yet (then `SD_CUDA_FLASH_VARIANT` = 0/1/2, else W8M2, the fastest
+/// on the H100: 185 vs 131 TFLOP/s at SD3.5-medium's joint attention).
+static FLASH_VARIANT: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(255);
+
+/// Chooses the flash-attention tiling for every backend of this process.
+pub fn set_flash_variant(v: FlashVariant) {
+    FLASH_VARIANT.store(v as u8, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// The flash-attention tiling in use.
+pub fn flash_variant() -> FlashVariant {
+    let v = match FLASH_VARIANT.load(std::sync::atomic::Ordering::Relaxed) {
+        255 => std::env::var("SD_CUDA_FLASH_VARIANT")
+            .ok()
+            .and_then(|s| s.parse::<u8>().ok())
+            .unwrap_or(1),
+        v => v,
+    };
+    match v {
+        1 => FlashVariant::W8M2,
+        2 => FlashVariant::W4M2,
+        _ => FlashVariant::W8M1,
+    }
+}
+
+/// GPU memory figures (bytes).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct MemoryStats {
+    /// The pool's high-water mark of memory in use since the last reset.
+    pub peak_used: u64,
+    /// Memory in use from the pool now.
+    pub used: u64,
+    /// The pool's reserved high-water mark (what the driver handed it).
+    pub peak_reserved: u64,
+    /// Device-wide free and total memory (`cuMemGetInfo`).
+    pub device_free: u64,
+    pub device_total: u64,
+    /// Parameter bytes uploaded by `load_linear` / `load_param`.
+    pub param_bytes: u64,
+}
+
+struct QuantCache {
+    src: Arc<DeviceBuf>,
+    n: usize,
+    scale_bits: u32,
+    format: i32,
+    codes: Arc<CudaSlice<u8>>,
+}
+
+/// `<sd_cuda::CudaBackend as ..::Backend>::layer_norm::{{closure}}` -> `layer_norm`.
+fn op_name(closure: &str) -> String {
+    let s = closure.trim_end_matches("::{{closure}}");
+    s.rsplit("::").next().unwrap_or(s).to_string()
+}
+
+/// Stream-synchronised wall time per operation kind, summed.
+#[derive(Default)]
+struct Profile {
+    ops: HashMap<String, (u64, f64)>,
+}
+
+fn fmt_code(f: Fp8Format) -> i32 {
+    match f {
+        Fp8Format::E4M3 => 0,
+        Fp8Format::E5M2 => 1,
+    }
+}
+
+fn fp8_type(f: Fp8Format) -> ltsys::cudaDataType {
+    match f {
+        Fp8Format::E4M3 => ltsys::cudaDataType::CUDA_R_8F_E4M3,
+        Fp8Format::E5M2 => ltsys::cudaDataType::CUDA_R_8F_E5M2,
+    }
+}
+
+fn bad(msg: impl Into<String>) -> CudaError {
+    CudaError::Invalid(msg.into())
+}
+
+fn round_host(v: &mut [f32]) {
+    for x in v {
+        *x = sd_model::tensor::round_bf16(*x);
+    }
+}
+
+/// An FP8 weight as the GPU takes it: E4M3 codes `[out, in]` row-major, which is the
+/// transposed "A" of cuBLASLt's TN layout (`Y^T = W X^T` in column-major terms, so no
+/// transpose is needed), and one scale per output channel (a per-tensor scale repeated).
+#[derive(Clone, Debug, PartialEq)]
+pub struct PackedFp8Weight {
+    pub codes: Vec<u8>,
+    pub scales: Vec<f32>,
+}
+
+/// Quantizes a `[out, in]` weight (already BF16-rounded where the backend computes in
+/// BF16) exactly as the CPU simulation does (`sd_fp8::quantize_slice`, per row). Engine
+/// bundles store these bytes; [`Backend::load_linear`] produces the same ones.
+pub fn pack_fp8_weight(
+    weight: &[f32],
+    out: usize,
+    inp: usize,
+    q: &sd_model::WeightQuant,
+) -> PackedFp8Weight {
+    let scales: Vec<f32> = if q.scales.len() == 1 {
+        vec![q.scales[0]; out]
+    } else {
+        q.scales.clone()
+    };
+    let mut codes = vec![0u8; out * inp];
+    let pack = |first: usize, w: &[f32], c: &mut [u8]| {
+        for (o, (row, dst)) in w.chunks(inp).zip(c.chunks_mut(inp)).enumerate() {
+            sd_fp8::quantize_slice(q.format, row, scales[first + o], dst);
+        }
+    };
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(16);
+    if out * inp < (1 << 20) || threads < 2 || inp == 0 {
+        pack(0, weight, &mut codes);
+    } else {
+        // Rows are independent: split them over threads (same bytes as serial).
+        let rows_per = out.div_ceil(threads);
+        std::thread::scope(|sc| {
+            for (i, (w, c)) in weight
+                .chunks(rows_per * inp)
+                .zip(codes.chunks_mut(rows_per * inp))
+                .enumerate()
+            {
+                let pack = &pack;
+                sc.spawn(move || pack(i * rows_per, w, c));
+            }
+        });
+    }
+    PackedFp8Weight { codes, scales }
+}
+
+/// Checks that libcuda, libnvrtc and libcublasLt can be opened.
+pub fn check_libraries() -> Result<()> {
+    // SAFETY: these only try to dlopen the libraries.
+    unsafe {
+        if !cudarc::driver::sys::is_culib_present() {
+            return Err(CudaError::missing_library("cuda"));
+        }
+        if !cudarc::nvrtc::sys::is_culib_present() {
+            return Err(CudaError::missing_library("nvrtc"));
+        }
+        if !ltsys::is_culib_present() {
+            return Err(CudaError::missing_library("cublasLt"));
+        }
+    }
+    Ok(())
+}
+
+/// The NVRTC architecture for a compute capability (`sm_89`, `sm_90`).
+pub fn arch_for(cc: (i32, i32)) -> String {
+    format!("sm_{}{}", cc.0, cc.1)
+}
+
+impl Inner {
+    /// Runs on the worker thread: the context is created and bound there.
+    fn open(
+        ordinal: usize,
+        precision: CudaPrecision,
+        kernels: Option<CompiledKernels>,
+    ) -> Result<Self> {
+        check_libraries()?;
+        let ctx = CudaContext::new(ordinal)?;
+        ctx.bind_to_thread()?;
+        let cc = ctx.compute_capability()?;
+        let gpu = ctx.name()?;
+        if precision == CudaPrecision::Fp8 && cc < (8, 9) {
+            return Err(CudaError::NoFp8 {
+                gpu,
+                major: cc.0,
+                minor: cc.1,
+            });
+        }
+        let kernels = match kernels {
+            Some(k) => k,
+            None => compile_kernels(&arch_for(cc))?,
+        };
+        // One stream: no cross-stream events needed.
+        // SAFETY: every buffer is used on `stream` only.
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx.default_stream();
+        let mut modules = Vec::new();
+        for (name, ptx) in &kernels.modules {
+            let m = ctx
+                .load_module(cudarc::nvrtc::Ptx::from_src(ptx.clone()))
+                .map_err(|e| {
+                    CudaError::Driver(format!(
+                        "loading kernel module {name} (built for {}; this GPU is sm_{}{}): {e:?}",
+                        kernels.arch, cc.0, cc.1
+                    ))
+                })?;
+            modules.push(m);
+        }
+        let mut funcs = HashMap::new();
+        for &k in KERNEL_NAMES {
+            let f = modules
+                .iter()
+                .find_map(|m| m.load_function(k).ok())
+                .ok_or_else(|| CudaError::Driver(format!("kernel {k} not found in the PTX")))?;
+            funcs.insert(k, f);
+        }
+        let pool = default_pool(&ctx)?;
+        // A caching allocator: the stream-ordered pool keeps freed memory for reuse
+        // instead of handing it back to the driver at every synchronisation.
+        let mut keep = u64::MAX;
+        // SAFETY: the pool belongs to this context's device; the value is a u64.
+        unsafe {
+            cudarc::driver::sys::cuMemPoolSetAttribute(
+                pool,
+                cudarc::driver::sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+                &mut keep as *mut u64 as *mut c_void,
+            )
+            .result()?;
+        }
+        let handle = lt::create_handle()?;
+        // SAFETY: u8 workspace, never read by the host.
+        let workspace = unsafe { stream.alloc::<u8>(WORKSPACE_BYTES) }?;
+        Ok(Self {
+            ctx,
+            stream,
+            funcs,
+            blas: Mutex::new(Blas { handle, workspace }),
+            precision,
+            gpu,
+            cc,
+            build_id: kernels.build_id.clone(),
+            fp8_gemm: std::cell::Cell::new(Fp8Gemm::Native),
+            flash: std::cell::Cell::new(
+                std::env::var("SD_CUDA_ATTENTION").map_or(true, |v| v != "exact"),
+            ),
+            profile: std::cell::RefCell::new(None),
+            op_key: std::cell::Cell::new(None),
+            quant_cache: std::cell::RefCell::new(None),
+            algo_cache: std::cell::RefCell::new(HashMap::new()),
+            pool,
+            param_bytes: std::cell::Cell::new(0),
+        })
+    }
+
+    fn r(&self) -> i32 {
+        (self.precision != CudaPrecision::F32) as i32
+    }
+
+    fn ptr<T>(&self, s: &CudaSlice<T>) -> u64 {
+        let (p, _sync) = s.device_ptr(&self.stream);
+        p
+    }
+
+    fn tp(&self, t: &CudaTensor) -> u64 {
+        self.ptr(&t.buf.0)
+    }
+
+    fn alloc<T: DeviceRepr>(&self, n: usize) -> Result<CudaSlice<T>> {
+        // SAFETY: every caller's kernel writes all n elements before anything reads them.
+        Ok(unsafe { self.stream.alloc::<T>(n.max(1)) }?)
+    }
+
+    fn zeros<T: DeviceRepr + ValidAsZeroBits>(&self, n: usize) -> Result<CudaSlice<T>> {
+        Ok(self.stream.alloc_zeros::<T>(n.max(1))?)
+    }
+
+    fn wrap(&self, shape: Vec<usize>, buf: CudaSlice<f32>) -> CudaTensor {
+        CudaTensor {
+            shape,
+            buf: Arc::new(DeviceBuf(buf)),
+        }
+    }
+
+    fn launch(&self, name: &str, cfg: LaunchConfig, args: &[Arg]) -> Result<()> {
+        let f = self
+            .funcs
+            .get(name)
+            .ok_or_else(|| CudaError::Driver(format!("no kernel {name}")))?;
+        self.ctx.bind_to_thread()?;
+        let mut b = self.stream.launch_builder(f);
+        for a in args {
+            match a {
+                Arg::P(v) | Arg::U(v) => b.arg(v),
+                Arg::I(v) => b.arg(v),
+                Arg::L(v) => b.arg(v),
+                Arg::F(v) => b.arg(v),
+            };
+        }
+        // SAFETY: argument lists match the kernels' signatures in kernels/*.cu, and
+        // every pointer is a live allocation of the size the kernel indexes.
+        unsafe { b.launch(cfg) }.map_err(|e| CudaError::Driver(format!("{name}: {e:?}")))?;
+        Ok(())
+    }
+
+    fn grid(n: usize) -> LaunchConfig {
+        let blocks = n.div_ceil(THREADS as usize).clamp(1, 1 << 20) as u32;
+        LaunchConfig {
+            grid_dim: (blocks, 1, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        }
+    }
+
+    fn rows_cfg(rows: usize, threads: u32) -> LaunchConfig {
+        LaunchConfig {
+            grid_dim: (rows.max(1) as u32, 1, 1),
+            block_dim: (threads, 1, 1),
+            shared_mem_bytes: 0,
+        }
+    }
+
+    fn gemm(&self, g: Gemm) -> Result<()> {
+        let blas = self
+            .blas
+            .lock()
+            .map_err(|_| CudaError::Blas("handle mutex poisoned".into()))?;
+        self.ctx.bind_to_thread()?;
+        let f32t = ltsys::cudaDataType::CUDA_R_32F;
+        let (ar, ac) = if g.transa { (g.k, g.m) } else { (g.m, g.k) };
+        let (br, bc) = if g.transb { (g.n, g.k) } else { (g.k, g.n) };
+        let a_l = lt::create_matrix_layout(g.a_type, ar, ac, g.lda)?;
+        let b_l = lt::create_matrix_layout(g.b_type, br, bc, g.ldb)?;
+        let d_l = lt::create_matrix_layout(f32t, g.m, g.n, g.ldd)?;
+        let desc = lt::create_matmul_desc(ltsys::cublasComputeType_t::CUBLAS_COMPUTE_32F, f32t)?;
+        let pref = lt::create_matmul_pref()?;
+        let ws_ptr = self.ptr(&blas.workspace);
+        let result = (|| -> Result<()> {
+            use ltsys::cublasLtMatmulDescAttributes_t as A;
+            let (ta, tb) = (g.transa as i32, g.transb as i32);
+            // SAFETY: attribute values are passed with their exact sizes; the handles
+            // are live until the cleanup below.
+            unsafe {
+                lt::set_matmul_desc_attribute(
+                    desc,
+                    A::CUBLASLT_MATMUL_DESC_TRANSA,
+                    &ta as *const i32 as *const c_void,
+                    4,
+                )?;
+                lt::set_matmul_desc_attribute(
+                    desc,
+                    A::CUBLASLT_MATMUL_DESC_TRANSB,
+                    &tb as *const i32 as *const c_void,
+                    4,
+                )?;
+                let fast_accum = 0i8;
+                if g.a_type == ltsys::cudaDataType::CUDA_R_8F_E4M3 {
+                    lt::set_matmul_desc_attribute(
+                        desc,
+                        A::CUBLASLT_MATMUL_DESC_FAST_ACCUM,
+                        &fast_accum as *const i8 as *const c_void,
+                        1,
+                    )?;
+                }
+                if g.b_scale != 0 {
+                    lt::set_matmul_desc_attribute(
+                        desc,
+                        A::CUBLASLT_MATMUL_DESC_B_SCALE_POINTER,
+                        &g.b_scale as *const u64 as *const c_void,
+                        8,
+                    )?;
+                }
+                let ws = WORKSPACE_BYTES;
+                lt::set_matmul_pref_attribute(
+                    pref,
+                    ltsys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                    &ws as *const usize as *const c_void,
+                    std::mem::size_of::<usize>(),
+                )?;
+                // The heuristic's choice is cached per problem (shape, types, leading
+                // dimensions, scaling): the query costs tens of microseconds per call.
+                let key = format!(
+                    "{} {} {} {} {} {:?} {:?} {} {} {} {}",
+                    ta,
+                    tb,
+                    g.m,
+                    g.n,
+                    g.k,
+                    g.a_type,
+                    g.b_type,
+                    g.lda,
+                    g.ldb,
+                    g.ldd,
+                    g.b_scale != 0
+                );
+                let cached = self.algo_cache.borrow().get(&key).copied();
+                let algo = match cached {
+                    Some(a) => a,
+                    None => {
+                        let heur = lt::get_matmul_algo_heuristic(
+                            blas.handle,
+                            desc,
+                            a_l,
+                            b_l,
+                            d_l,
+                            d_l,
+                            pref,
+                        )
+                        .map_err(|e| {
+                            CudaError::Blas(format!(
+                                "no algorithm for m={} n={} k={} A {:?} B {:?}: {e:?}",
+                                g.m, g.n, g.k, g.a_type, g.b_type
+                            ))
+                        })?;
+                        self.algo_cache.borrow_mut().insert(key, heur.algo);
+                        heur.algo
+                    }
+                };
+                let (alpha, beta) = (g.alpha, 0.0f32);
+                lt::matmul(
+                    blas.handle,
+                    desc,
+                    &alpha as *const f32 as *const c_void,
+                    &beta as *const f32 as *const c_void,
+                    g.a as *const c_void,
+                    a_l,
+                    g.b as *const c_void,
+                    b_l,
+                    g.d as *const c_void,
+                    d_l,
+                    g.d as *mut c_void,
+                    d_l,
+                    &algo,
+                    ws_ptr as *mut c_void,
+                    WORKSPACE_BYTES,
+                    self.stream.cu_stream() as *mut _,
+                )?;
+            }
+            Ok(())
+        })();
+        // SAFETY: created above, destroyed once.
+        unsafe {
+            let _ = lt::destroy_matmul_pref(pref);
+            let _ = lt::destroy_matmul_desc(desc);
+            let _ = lt::destroy_matrix_layout(a_l);
+            let _ = lt::destroy_matrix_layout(b_l);
+            let _ = lt::destroy_matrix_layout(d_l);
+        }
+        result
+    }
+
+    // ---- elementwise helpers ------------------------------------------------------
+
+    fn unary(&self, x: &CudaTensor, op: i32, a: f32, b: f32) -> Result<CudaTensor> {
+        let n = x.numel();
+        let out = self.alloc::<f32>(n)?;
+        self.launch(
+            "unary_f32",
+            Self::grid(n),
+            &[
+                Arg::P(self.tp(x)),
+                Arg::P(self.ptr(&out)),
+                Arg::U(n as u64),
+                Arg::I(op),
+                Arg::F(a),
+                Arg::F(b),
+                Arg::I(self.r()),
+            ],
+        )?;
+        Ok(self.wrap(x.shape.clone(), out))
+    }
+
+    fn binary(
+        &self,
+        a: &CudaTensor,
+        b: &CudaTensor,
+        period: usize,
+        op: i32,
+        s: f32,
+    ) -> Result<CudaTensor> {
+        let n = a.numel();
+        let out = self.alloc::<f32>(n)?;
+        self.launch(
+            "binary_f32",
+            Self::grid(n),
+            &[
+                Arg::P(self.tp(a)),
+                Arg::P(self.tp(b)),
+                Arg::P(self.ptr(&out)),
+                Arg::U(n as u64),
+                Arg::U(period.max(1) as u64),
+                Arg::I(op),
+                Arg::F(s),
+                Arg::I(self.r()),
+            ],
+        )?;
+        Ok(self.wrap(a.shape.clone(), out))
+    }
+
+    fn same(a: &[usize], b: &[usize], op: &str) -> Result<()> {
+        if a != b {
+            return Err(bad(format!("{op}: shapes {a:?} and {b:?} differ")));
+        }
+        Ok(())
+    }
+
+    fn batch_channels(x: &[usize], v: &[usize], op: &str) -> Result<(usize, usize)> {
+        if x.len() < 2 || v.len() != 2 || v[0] != x[0] || v[1] != x[x.len() - 1] {
+            return Err(bad(format!(
+                "{op}: per-entry vector {v:?} does not fit {x:?}"
+            )));
+        }
+        Ok((v[0], v[1]))
+    }
+
+    fn copy2d(
+        &self,
+        src: u64,
+        dst: u64,
+        rows: usize,
+        width: usize,
+        src_pitch: usize,
+        dst_pitch: usize,
+    ) -> Result<()> {
+        if rows * width == 0 {
+            return Ok(());
+        }
+        self.launch(
+            "copy2d_f32",
+            Self::grid(rows * width),
+            &[
+                Arg::P(src),
+                Arg::P(dst),
+                Arg::U(rows as u64),
+                Arg::U(width as u64),
+                Arg::U(src_pitch as u64),
+                Arg::U(dst_pitch as u64),
+            ],
+        )
+    }
+
+    /// Quantizes `x` to FP8 codes with a host scale (for tests and the emulated path).
+    pub fn quantize_fp8(&self, x: &CudaTensor, format: Fp8Format, scale: f32) -> Result<Vec<u8>> {
+        let n = x.numel();
+        let q = self.alloc::<u8>(n)?;
+        self.launch(
+            "quantize_fp8",
+            Self::grid(n),
+            &[
+                Arg::P(self.tp(x)),
+                Arg::P(self.ptr(&q)),
+                Arg::U(n as u64),
+                Arg::F(scale),
+                Arg::I(fmt_code(format)),
+            ],
+        )?;
+        let mut v = self.stream.clone_dtoh(&q)?;
+        v.truncate(n);
+        Ok(v)
+    }
+
+    fn fake_quantize(&self, x: &CudaTensor, format: Fp8Format, scale: f32) -> Result<CudaTensor> {
+        let n = x.numel();
+        let q = self.alloc::<u8>(n)?;
+        let out = self.alloc::<f32>(n)?;
+        self.launch(
+            "quantize_fp8",
+            Self::grid(n),
+            &[
+                Arg::P(self.tp(x)),
+                Arg::P(self.ptr(&q)),
+                Arg::U(n as u64),
+                Arg::F(scale),
+                Arg::I(fmt_code(format)),
+            ],
+        )?;
+        self.launch(
+            "dequantize_fp8",
+            Self::grid(n),
+            &[
+                Arg::P(self.ptr(&q)),
+                Arg::P(self.ptr(&out)),
+                Arg::U(n as u64),
+                Arg::F(scale),
+                Arg::I(fmt_code(format)),
+            ],
+        )?;
+        Ok(self.wrap(x.shape.clone(), out))
+    }
+
+    fn upload_f32(&self, v: &[f32]) -> Result<CudaSlice<f32>> {
+        if v.is_empty() {
+            return self.zeros(1);
+        }
+        Ok(self.stream.clone_htod(v)?)
+    }
+
+    // ---- the operations (crate errors) ------------------------------------------
+
+    fn load_linear_impl(
+        &self,
+        spec: &LinearSpec,
+        weight: &WeightTensor<'_>,
+        bias: Option<&WeightTensor<'_>>,
+    ) -> Result<CudaLinear> {
+        let (out, inp) = (spec.out_features, spec.in_features);
+        if weight.shape != [out, inp] {
+            return Err(bad(format!(
+                "layer {}: weight shape {:?}, expected [{out}, {inp}]",
+                spec.name, weight.shape
+            )));
+        }
+        let mut w = weight.to_f32();
+        if self.precision != CudaPrecision::F32 {
+            round_host(&mut w);
+        }
+        let bias = match bias {
+            Some(b) => {
+                let mut v = b.to_f32();
+                if v.len() != out {
+                    return Err(bad(format!("layer {}: bias of {}", spec.name, v.len())));
+                }
+                if self.precision != CudaPrecision::F32 {
+                    round_host(&mut v);
+                }
+                Some(self.upload_f32(&v)?)
+            }
+            None => None,
+        };
+        let kind = match &spec.quant {
+            LinearQuant::None => match self.precision {
+                CudaPrecision::F32 => LinearKind::F32 {
+                    w: self.upload_f32(&w)?,
+                },
+                _ => {
+                    let bits: Vec<u16> = w
+                        .iter()
+                        .map(|&v| half::bf16::from_f32(v).to_bits())
+                        .collect();
+                    LinearKind::Bf16 {
+                        w: self.stream.clone_htod(&bits)?,
+                    }
+                }
+            },
+            LinearQuant::Fp8 { weight: wq, input } => {
+                if self.precision == CudaPrecision::Bf16 {
+                    return Err(bad(format!(
+                        "layer {} is FP8 in the plan, but the backend was opened with precision bf16",
+                        spec.name
+                    )));
+                }
+                if self.cc < (8, 9) && self.fp8_gemm.get() == Fp8Gemm::Native {
+                    return Err(CudaError::NoFp8 {
+                        gpu: self.gpu.clone(),
+                        major: self.cc.0,
+                        minor: self.cc.1,
+                    });
+                }
+                if wq.format != Fp8Format::E4M3 {
+                    return Err(bad(format!(
+                        "layer {}: cuBLASLt takes E4M3 weights only (plan says {})",
+                        spec.name,
+                        wq.format.name()
+                    )));
+                }
+                if wq.scales.len() != out && wq.scales.len() != 1 {
+                    return Err(bad(format!(
+                        "layer {}: {} weight scales for {out} output channels",
+                        spec.name,
+                        wq.scales.len()
+                    )));
+                }
+                if let Some(s) = wq
+                    .scales
+                    .iter()
+                    .chain([&input.scale])
+                    .find(|s| !(s.is_finite() && **s > 0.0))
+                {
+                    return Err(bad(format!(
+                        "layer {}: scale {s} is not positive and finite",
+                        spec.name
+                    )));
+                }
+                let packed = pack_fp8_weight(&w, out, inp, wq);
+                let (codes, scales) = (packed.codes, packed.scales);
+                if self.fp8_gemm.get() == Fp8Gemm::ExactViaBf16 {
+                    let table = sd_fp8::decode_table(wq.format);
+                    let bits: Vec<u16> = codes
+                        .iter()
+                        .map(|&c| half::bf16::from_f32(table[c as usize]).to_bits())
+                        .collect();
+                    LinearKind::Fp8ViaBf16 {
+                        w: self.stream.clone_htod(&bits)?,
+                        wscale: self.upload_f32(&scales)?,
+                        act: input.format,
+                        act_scale: input.scale,
+                    }
+                } else if inp % 16 == 0 && out % 16 == 0 {
+                    LinearKind::Fp8 {
+                        w: self.stream.clone_htod(&codes)?,
+                        wscale: self.upload_f32(&scales)?,
+                        act: input.format,
+                        act_scale: input.scale,
+                        act_scale_dev: self.upload_f32(&[input.scale])?,
+                    }
+                } else {
+                    let mut deq = vec![0f32; out * inp];
+                    for (o, (src, dst)) in codes.chunks(inp).zip(deq.chunks_mut(inp)).enumerate() {
+                        sd_fp8::dequantize_slice(wq.format, src, scales[o], dst);
+                    }
+                    LinearKind::Fp8Emulated {
+                        w: self.upload_f32(&deq)?,
+                        act: input.format,
+                        act_scale: input.scale,
+                    }
+                }
+            }
+        };
+        let wbytes = match &kind {
+            LinearKind::F32 { w } | LinearKind::Fp8Emulated { w, .. } => 4 * w.len(),
+            LinearKind::Bf16 { w } => 2 * w.len(),
+            LinearKind::Fp8ViaBf16 { w, wscale, .. } => 2 * w.len() + 4 * wscale.len(),
+            LinearKind::Fp8 { w, wscale, .. } => w.len() + 4 * wscale.len() + 4,
+        } + bias.as_ref().map_or(0, |b| 4 * b.len());
+        self.param_bytes.set(self.param_bytes.get() + wbytes as u64);
+        Ok(CudaLinear {
+            spec: spec.clone(),
+            kind,
+            bias,
+        })
+    }
+
+    fn linear_impl(&self, x: &CudaTensor, layer: &CudaLinear) -> Result<CudaTensor> {
+        let (inp, outf) = (layer.spec.in_features, layer.spec.out_features);
+        if x.shape.last() != Some(&inp) {
+            return Err(bad(format!(
+                "layer {}: input shape {:?} does not end in {inp}",
+                layer.spec.name, x.shape
+            )));
+        }
+        let rows = x.numel() / inp.max(1);
+        let d = self.alloc::<f32>(rows * outf)?;
+        let f32t = ltsys::cudaDataType::CUDA_R_32F;
+        // Y^T[out, rows] (column-major) = W[out, in] (given as column-major [in, out],
+        // transposed) x X^T (column-major [in, rows]).
+        let mut g = Gemm {
+            transa: true,
+            transb: false,
+            m: outf as u64,
+            n: rows as u64,
+            k: inp as u64,
+            a: 0,
+            a_type: f32t,
+            lda: inp as i64,
+            b: 0,
+            b_type: f32t,
+            ldb: inp as i64,
+            d: self.ptr(&d),
+            ldd: outf as i64,
+            b_scale: 0,
+            alpha: 1.0,
+        };
+        let mut colscale = 0u64;
+        // Temporaries live until the end of this function (stream-ordered frees).
+        let mut _tmp_bf16: Option<CudaSlice<u16>> = None;
+        let mut _tmp_u8: Option<CudaSlice<u8>> = None;
+        let mut _tmp_u8_shared: Option<Arc<CudaSlice<u8>>> = None;
+        let mut _tmp_f32: Option<CudaTensor> = None;
+        if rows > 0 {
+            match &layer.kind {
+                LinearKind::F32 { w } => {
+                    g.a = self.ptr(w);
+                    g.b = self.tp(x);
+                }
+                LinearKind::Bf16 { w } => {
+                    let xb = self.alloc::<u16>(rows * inp)?;
+                    self.launch(
+                        "f32_to_bf16",
+                        Self::grid(rows * inp),
+                        &[
+                            Arg::P(self.tp(x)),
+                            Arg::P(self.ptr(&xb)),
+                            Arg::U((rows * inp) as u64),
+                        ],
+                    )?;
+                    g.a = self.ptr(w);
+                    g.a_type = ltsys::cudaDataType::CUDA_R_16BF;
+                    g.b = self.ptr(&xb);
+                    g.b_type = ltsys::cudaDataType::CUDA_R_16BF;
+                    _tmp_bf16 = Some(xb);
+                }
+                LinearKind::Fp8 {
+                    w,
+                    wscale,
+                    act,
+                    act_scale,
+                    act_scale_dev,
+                } => {
+                    let n = rows * inp;
+                    let (sb, fc) = (act_scale.to_bits(), fmt_code(*act));
+                    let cached = self.quant_cache.borrow().as_ref().and_then(|c| {
+                        (Arc::ptr_eq(&c.src, &x.buf)
+                            && c.n == n
+                            && c.scale_bits == sb
+                            && c.format == fc)
+                            .then(|| c.codes.clone())
+                    });
+                    let xq = match cached {
+                        Some(q) => q,
+                        None => {
+                            let xq = self.alloc::<u8>(n)?;
+                            self.launch(
+                                "quantize_fp8_dev",
+                                Self::grid(n),
+                                &[
+                                    Arg::P(self.tp(x)),
+                                    Arg::P(self.ptr(&xq)),
+                                    Arg::U(n as u64),
+                                    Arg::P(self.ptr(act_scale_dev)),
+                                    Arg::I(fc),
+                                ],
+                            )?;
+                            let xq = Arc::new(xq);
+                            *self.quant_cache.borrow_mut() = Some(QuantCache {
+                                src: x.buf.clone(),
+                                n,
+                                scale_bits: sb,
+                                format: fc,
+                                codes: xq.clone(),
+                            });
+                            xq
+                        }
+                    };
+                    g.a = self.ptr(w);
+                    g.a_type = ltsys::cudaDataType::CUDA_R_8F_E4M3;
+                    g.b = self.ptr(&*xq);
+                    g.b_type = fp8_type(*act);
+                    g.b_scale = self.ptr(act_scale_dev);
+                    colscale = self.ptr(wscale);
+                    _tmp_u8_shared = Some(xq);
+                }
+                LinearKind::Fp8ViaBf16 {
+                    w,
+                    wscale,
+                    act,
+                    act_scale,
+                } => {
+                    let n = rows * inp;
+                    let xq = self.alloc::<u8>(n)?;
+                    let xb = self.alloc::<u16>(n)?;
+                    self.launch(
+                        "quantize_fp8",
+                        Self::grid(n),
+                        &[
+                            Arg::P(self.tp(x)),
+                            Arg::P(self.ptr(&xq)),
+                            Arg::U(n as u64),
+                            Arg::F(*act_scale),
+                            Arg::I(fmt_code(*act)),
+                        ],
+                    )?;
+                    self.launch(
+                        "fp8_to_bf16",
+                        Self::grid(n),
+                        &[
+                            Arg::P(self.ptr(&xq)),
+                            Arg::P(self.ptr(&xb)),
+                            Arg::U(n as u64),
+                            Arg::I(fmt_code(*act)),
+                        ],
+                    )?;
+                    g.a = self.ptr(w);
+                    g.a_type = ltsys::cudaDataType::CUDA_R_16BF;
+                    g.b = self.ptr(&xb);
+                    g.b_type = ltsys::cudaDataType::CUDA_R_16BF;
+                    g.alpha = *act_scale;
+                    colscale = self.ptr(wscale);
+                    _tmp_u8 = Some(xq);
+                    _tmp_bf16 = Some(xb);
+                }
+                LinearKind::Fp8Emulated { w, act, act_scale } => {
+                    let xf = self.fake_quantize(x, *act, *act_scale)?;
+                    g.a = self.ptr(w);
+                    g.b = self.tp(&xf);
+                    _tmp_f32 = Some(xf);
+                }
+            }
+            self.gemm(g).map_err(|e| {
+                bad(format!(
+                    "layer {} ({}): {e}",
+                    layer.spec.name,
+                    layer.kind_name()
+                ))
+            })?;
+        }
+        let n = rows * outf;
+        let out = self.alloc::<f32>(n)?;
+        self.launch(
+            "linear_epilogue_f32",
+            Self::grid(n),
+            &[
+                Arg::P(self.ptr(&d)),
+                Arg::P(colscale),
+                Arg::P(layer.bias.as_ref().map_or(0, |b| self.ptr(b))),
+                Arg::P(self.ptr(&out)),
+                Arg::U(n as u64),
+                Arg::U(outf as u64),
+                Arg::I(self.r()),
+            ],
+        )?;
+        let mut shape = x.shape.clone();
+        if let Some(l) = shape.last_mut() {
+            *l = outf;
+        }
+        Ok(self.wrap(shape, out))
+    }
+
+    fn conv2d_impl(
+        &self,
+        x: &CudaTensor,
+        w: &CudaTensor,
+        b: Option<&CudaTensor>,
+        p: Conv2dParams,
+    ) -> Result<CudaTensor> {
+        let (xs, ws) = (&x.shape, &w.shape);
+        if xs.len() != 4 || ws.len() != 4 || ws[1] != xs[1] || p.stride == 0 {
+            return Err(bad(format!("conv2d: input {xs:?}, kernel {ws:?}")));
+        }
+        let (bn, cin, h, wd) = (xs[0], xs[1], xs[2], xs[3]);
+        let (cout, kh, kw) = (ws[0], ws[2], ws[3]);
+        if h + 2 * p.padding < kh || wd + 2 * p.padding < kw {
+            return Err(bad("conv2d: kernel larger than padded input"));
+        }
+        let ho = (h + 2 * p.padding - kh) / p.stride + 1;
+        let wo = (wd + 2 * p.padding - kw) / p.stride + 1;
+        let kk = cin * kh * kw;
+        let out = self.alloc::<f32>(bn * cout * ho * wo)?;
+        // Bands of output rows keep the im2col buffer near 256 MiB.
+        let band = ((64 << 20) / (kk * wo).max(1)).clamp(1, ho);
+        let out_base = self.ptr(&out);
+        if self.precision != CudaPrecision::F32 {
+            // BF16 / FP8 precision: inputs and kernels hold BF16 values, so the GEMM
+            // runs on BF16 tensor cores (f32 accumulation) over a BF16 im2col.
+            let col = self.alloc::<u16>(kk * band * wo)?;
+            let wb = self.alloc::<u16>(w.numel())?;
+            self.launch(
+                "f32_to_bf16",
+                Self::grid(w.numel()),
+                &[
+                    Arg::P(self.tp(w)),
+                    Arg::P(self.ptr(&wb)),
+                    Arg::U(w.numel() as u64),
+                ],
+            )?;
+            for bi in 0..bn {
+                let x_ptr = self.tp(x) + (bi * cin * h * wd * 4) as u64;
+                let mut r0 = 0;
+                while r0 < ho {
+                    let rows = band.min(ho - r0);
+                    let cols = rows * wo;
+                    self.launch(
+                        "im2col_bf16",
+                        Self::grid(kk * cols),
+                        &[
+                            Arg::P(x_ptr),
+                            Arg::P(self.ptr(&col)),
+                            Arg::I(cin as i32),
+                            Arg::I(h as i32),
+                            Arg::I(wd as i32),
+                            Arg::I(kh as i32),
+                            Arg::I(kw as i32),
+                            Arg::I(p.stride as i32),
+                            Arg::I(p.padding as i32),
+                            Arg::I(wo as i32),
+                            Arg::I(r0 as i32),
+                            Arg::I(rows as i32),
+                        ],
+                    )?;
+                    self.gemm(Gemm {
+                        transa: false,
+                        transb: false,
+                        m: cols as u64,
+                        n: cout as u64,
+                        k: kk as u64,
+                        a: self.ptr(&col),
+                        a_type: ltsys::cudaDataType::CUDA_R_16BF,
+                        lda: cols as i64,
+                        b: self.ptr(&wb),
+                        b_type: ltsys::cudaDataType::CUDA_R_16BF,
+                        ldb: kk as i64,
+                        d: out_base + ((bi * cout * ho * wo + r0 * wo) * 4) as u64,
+                        ldd: (ho * wo) as i64,
+                        b_scale: 0,
+                        alpha: 1.0,
+                    })?;
+                    r0 += rows;
+                }
+            }
+            let n = bn * cout * ho * wo;
+            self.launch(
+                "channel_bias_f32",
+                Self::grid(n),
+                &[
+                    Arg::P(out_base),
+                    Arg::P(b.map_or(0, |b| self.tp(b))),
+                    Arg::U(n as u64),
+                    Arg::U((ho * wo) as u64),
+                    Arg::U(cout as u64),
+                    Arg::I(self.r()),
+                ],
+            )?;
+            drop((col, wb));
+            return Ok(self.wrap(vec![bn, cout, ho, wo], out));
+        }
+        let col = self.alloc::<f32>(kk * band * wo)?;
+        for bi in 0..bn {
+            let x_ptr = self.tp(x) + (bi * cin * h * wd * 4) as u64;
+            let mut r0 = 0;
+            while r0 < ho {
+                let rows = band.min(ho - r0);
+                let cols = rows * wo;
+                self.launch(
+                    "im2col_f32",
+                    Self::grid(kk * cols),
+                    &[
+                        Arg::P(x_ptr),
+                        Arg::P(self.ptr(&col)),
+                        Arg::I(cin as i32),
+                        Arg::I(h as i32),
+                        Arg::I(wd as i32),
+                        Arg::I(kh as i32),
+                        Arg::I(kw as i32),
+                        Arg::I(p.stride as i32),
+                        Arg::I(p.padding as i32),
+                        Arg::I(wo as i32),
+                        Arg::I(r0 as i32),
+                        Arg::I(rows as i32),
+                    ],
+                )?;
+                // out^T[cols, cout] (column-major, ld = ho*wo) = col^T[cols, kk] x W^T[kk, cout]
+                self.gemm(Gemm {
+                    transa: false,
+                    transb: false,
+                    m: cols as u64,
+                    n: cout as u64,
+                    k: kk as u64,
+                    a: self.ptr(&col),
+                    a_type: ltsys::cudaDataType::CUDA_R_32F,
+                    lda: cols as i64,
+                    b: self.tp(w),
+                    b_type: ltsys::cudaDataType::CUDA_R_32F,
+                    ldb: kk as i64,
+                    d: out_base + ((bi * cout * ho * wo + r0 * wo) * 4) as u64,
+                    ldd: (ho * wo) as i64,
+                    b_scale: 0,
+                    alpha: 1.0,
+                })?;
+                r0 += rows;
+            }
+        }
+        let n = bn * cout * ho * wo;
+        self.launch(
+            "channel_bias_f32",
+            Self::grid(n),
+            &[
+                Arg::P(out_base),
+                Arg::P(b.map_or(0, |b| self.tp(b))),
+                Arg::U(n as u64),
+                Arg::U((ho * wo) as u64),
+                Arg::U(cout as u64),
+                Arg::I(self.r()),
+            ],
+        )?;
+        drop(col);
+        Ok(self.wrap(vec![bn, cout, ho, wo], out))
+    }
+
+    fn attention_impl(
+        &self,
+        q: &CudaTensor,
+        k: &CudaTensor,
+        v: &CudaTensor,
+        p: AttentionParams<'_, CudaTensor>,
+    ) -> Result<CudaTensor> {
+        let (qs, ks, vs) = (&q.shape, &k.shape, &v.shape);
+        if qs.len() != 3 || ks.len() != 3 || ks != vs || qs[0] != ks[0] || qs[2] != ks[2] {
+            return Err(bad(format!("attention: q {qs:?}, k {ks:?}, v {vs:?}")));
+        }
+        let (b, sq, c) = (qs[0], qs[1], qs[2]);
+        let sk = ks[1];
+        if p.heads == 0 || c % p.heads != 0 {
+            return Err(bad("attention: channels not divisible by heads"));
+        }
+        if let Some(bias) = p.bias
+            && bias.shape != [p.heads, sq, sk]
+        {
+            return Err(bad(format!(
+                "attention: bias {:?}, expected {:?}",
+                bias.shape,
+                [p.heads, sq, sk]
+            )));
+        }
+        let d = c / p.heads;
+        if self.flash.get()
+            && d == 64
+            && p.bias.is_none()
+            && !p.causal
+            && self.precision != CudaPrecision::F32
+            && b * sq * sk > 0
+        {
+            let out = self.alloc::<f32>(b * sq * c)?;
+            let (kernel, rows, threads) = flash_variant().kernel();
+            let cfg = LaunchConfig {
+                grid_dim: (sq.div_ceil(rows) as u32, p.heads as u32, b as u32),
+                block_dim: (threads, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            self.launch(
+                kernel,
+                cfg,
+                &[
+                    Arg::P(self.tp(q)),
+                    Arg::P(self.tp(k)),
+                    Arg::P(self.tp(v)),
+                    Arg::P(self.ptr(&out)),
+                    Arg::I(sq as i32),
+                    Arg::I(sk as i32),
+                    Arg::I(p.heads as i32),
+                    Arg::F(p.scale),
+                    Arg::I(self.r()),
+                ],
+            )?;
+            return Ok(self.wrap(qs.clone(), out));
+        }
+        if d > 64
+            && p.bias.is_none()
+            && !p.causal
+            && self.precision != CudaPrecision::F32
+            && sq * sk * 6 <= (2usize << 30)
+            && d.is_multiple_of(8)
+            && sk.is_multiple_of(8)
+            && b * sq * sk > 0
+        {
+            return self.attention_gemm(q, k, v, b, sq, sk, p.heads, d, p.scale);
+        }
+        let pl = d.div_ceil(32).next_power_of_two();
+        if pl > 32 {
+            return Err(bad(format!("attention: head dim {d} > 1024")));
+        }
+        let out = self.alloc::<f32>(b * sq * c)?;
+        let warps = b * p.heads * sq;
+        let per_block = (THREADS / 32) as usize;
+        let cfg = LaunchConfig {
+            grid_dim: (warps.div_ceil(per_block).max(1) as u32, 1, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        if warps > 0 {
+            self.launch(
+                &format!("attention_pl{pl}"),
+                cfg,
+                &[
+                    Arg::P(self.tp(q)),
+                    Arg::P(self.tp(k)),
+                    Arg::P(self.tp(v)),
+                    Arg::P(p.bias.map_or(0, |t| self.tp(t))),
+                    Arg::P(self.ptr(&out)),
+                    Arg::I(b as i32),
+                    Arg::I(sq as i32),
+                    Arg::I(sk as i32),
+                    Arg::I(p.heads as i32),
+                    Arg::I(d as i32),
+                    Arg::F(p.scale),
+                    Arg::I(p.causal as i32),
+                    Arg::I(self.r()),
+                ],
+            )?;
+        }
+        Ok(self.wrap(qs.clone(), out))
+    }
+
+    /// Attention for large head dims (the VAE's one 512-wide head) as two BF16 GEMMs
+    /// around a row softmax: S = scale Q K^T (f32), P = softmax(S) (BF16), O = P V.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_gemm(
+        &self,
+        q: &CudaTensor,
+        k: &CudaTensor,
+        v: &CudaTensor,
+        b: usize,
+        sq: usize,
+        sk: usize,
+        heads: usize,
+        d: usize,
+        scale: f32,
+    ) -> Result<CudaTensor> {
+        let c = heads * d;
+        let bf = ltsys::cudaDataType::CUDA_R_16BF;
+        let cast = |t: &CudaTensor| -> Result<CudaSlice<u16>> {
+            let o = self.alloc::<u16>(t.numel())?;
+            self.launch(
+                "f32_to_bf16",
+                Self::grid(t.numel()),
+                &[
+                    Arg::P(self.tp(t)),
+                    Arg::P(self.ptr(&o)),
+                    Arg::U(t.numel() as u64),
+                ],
+            )?;
+            Ok(o)
+        };
+        let (qb, kb, vb) = (cast(q)?, cast(k)?, cast(v)?);
+        let sbuf = self.alloc::<f32>(sq * sk)?;
+        let pbuf = self.alloc::<u16>(sq * sk)?;
+        let d_raw = self.alloc::<f32>(b * sq * c)?;
+        for bi in 0..b {
+            for h in 0..heads {
+                let qo = ((bi * sq * c + h * d) * 2) as u64;
+                let ko = ((bi * sk * c + h * d) * 2) as u64;
+                // S^T (column-major [sk, sq]) = K Q^T: row-major S [sq, sk].
+                self.gemm(Gemm {
+                    transa: true,
+                    transb: false,
+                    m: sk as u64,
+                    n: sq as u64,
+                    k: d as u64,
+                    a: self.ptr(&kb) + ko,
+                    a_type: bf,
+                    lda: c as i64,
+                    b: self.ptr(&qb) + qo,
+                    b_type: bf,
+                    ldb: c as i64,
+                    d: self.ptr(&sbuf),
+                    ldd: sk as i64,
+                    b_scale: 0,
+                    alpha: scale,
+                })?;
+                self.launch(
+                    "softmax_rows_bf16",
+                    Self::rows_cfg(sq, 512),
+                    &[
+                        Arg::P(self.ptr(&sbuf)),
+                        Arg::P(self.ptr(&pbuf)),
+                        Arg::I(sk as i32),
+                    ],
+                )?;
+                // O^T (column-major [d, sq], ld c) = V^T P^T.
+                self.gemm(Gemm {
+                    transa: false,
+                    transb: false,
+                    m: d as u64,
+                    n: sq as u64,
+                    k: sk as u64,
+                    a: self.ptr(&vb) + ko,
+                    a_type: bf,
+                    lda: c as i64,
+                    b: self.ptr(&pbuf),
+                    b_type: bf,
+                    ldb: sk as i64,
+                    d: self.ptr(&d_raw) + ((bi * sq * c + h * d) * 4) as u64,
+                    ldd: c as i64,
+                    b_scale: 0,
+                    alpha: 1.0,
+                })?;
+            }
+        }
+        let n = b * sq * c;
+        let out = self.alloc::<f32>(n)?;
+        self.launch(
+            "linear_epilogue_f32",
+            Self::grid(n),
+            &[
+                Arg::P(self.ptr(&d_raw)),
+                Arg::P(0),
+                Arg::P(0),
+                Arg::P(self.ptr(&out)),
+                Arg::U(n as u64),
+                Arg::U(c as u64),
+                Arg::I(self.r()),
+            ],
+        )?;
+        drop((qb, kb, vb, sbuf, pbuf, d_raw));
+        Ok(self.wrap(vec![b, sq, c], out))
+    }
+
+    fn permute_impl(&self, x: &CudaTensor, perm: &[usize]) -> Result<CudaTensor> {
+        let s = &x.shape;
+        let n = s.len();
+        let mut seen = vec![false; n];
+        if n > 6
+            || perm.len() != n
+            || perm
+                .iter()
+                .any(|&p| p >= n || std::mem::replace(&mut seen[p], true))
+        {
+            return Err(bad(format!("permute: {perm:?} for {s:?}")));
+        }
+        let mut in_strides = vec![1usize; n];
+        for i in (0..n.saturating_sub(1)).rev() {
+            in_strides[i] = in_strides[i + 1] * s[i + 1];
+        }
+        let shape: Vec<usize> = perm.iter().map(|&p| s[p]).collect();
+        let mut od = [1i64; 6];
+        let mut st = [0i64; 6];
+        for (i, &p) in perm.iter().enumerate() {
+            od[6 - n + i] = s[p] as i64;
+            st[6 - n + i] = in_strides[p] as i64;
+        }
+        let total = x.numel();
+        let out = self.alloc::<f32>(total)?;
+        if total > 0 {
+            let mut args = vec![
+                Arg::P(self.tp(x)),
+                Arg::P(self.ptr(&out)),
+                Arg::U(total as u64),
+            ];
+            args.extend(od.iter().map(|&v| Arg::L(v)));
+            args.extend(st.iter().map(|&v| Arg::L(v)));
+            self.launch("permute_f32", Self::grid(total), &args)?;
+        }
+        Ok(self.wrap(shape, out))
+    }
+
+    fn gather_rows(
+        &self,
+        src: &CudaTensor,
+        idx: &[u32],
+        c: usize,
+        shape: Vec<usize>,
+    ) -> Result<CudaTensor> {
+        let rows = idx.len();
+        let out = self.alloc::<f32>(rows * c)?;
+        if rows * c > 0 {
+            let ids = self.stream.clone_htod(idx)?;
+            self.launch(
+                "gather_rows_f32",
+                Self::grid(rows * c),
+                &[
+                    Arg::P(self.tp(src)),
+                    Arg::P(self.ptr(&ids)),
+                    Arg::P(self.ptr(&out)),
+                    Arg::U(rows as u64),
+                    Arg::U(c as u64),
+                ],
+            )?;
+        }
+        Ok(self.wrap(shape, out))
+    }
+}
+
+fn me<T>(r: Result<T>) -> sd_model::Result<T> {
+    r.map_err(ModelError::from)
+}
+
+impl Inner {
+    fn upload(&self, t: &HostTensor) -> sd_model::Result<CudaTensor> {
+        let mut v = t.data.clone();
+        if self.precision != CudaPrecision::F32 {
+            round_host(&mut v);
+        }
+        Ok(self.wrap(t.shape.clone(), me(self.upload_f32(&v))?))
+    }
+
+    fn download(&self, t: &CudaTensor) -> sd_model::Result<HostTensor> {
+        let mut data = me(self.stream.clone_dtoh(&t.buf.0).map_err(CudaError::from))?;
+        data.truncate(t.numel());
+        Ok(HostTensor {
+            shape: t.shape.clone(),
+            data,
+        })
+    }
+
+    fn load_param(&self, w: &WeightTensor<'_>) -> sd_model::Result<CudaTensor> {
+        self.param_bytes
+            .set(self.param_bytes.get() + 4 * w.numel() as u64);
+        self.upload(&w.to_host())
+    }
+
+    fn load_linear(
+        &self,
+        spec: &LinearSpec,
+        weight: &WeightTensor<'_>,
+        bias: Option<&WeightTensor<'_>>,
+    ) -> sd_model::Result<CudaLinear> {
+        me(self.load_linear_impl(spec, weight, bias))
+    }
+
+    fn linear(&self, x: &CudaTensor, layer: &CudaLinear) -> sd_model::Result<CudaTensor> {
+        if self.profile.borrow().is_some() {
+            let kind = match &layer.kind {
+                LinearKind::F32 { .. } => "f32",
+                LinearKind::Bf16 { .. } => "bf16",
+                LinearKind::Fp8 { .. } => "fp8",
+                LinearKind::Fp8ViaBf16 { .. } => "fp8-via-bf16",
+                LinearKind::Fp8Emulated { .. } => "fp8-emulated",
+            };
+            let rows = x.numel() / layer.spec.in_features.max(1);
+            self.op_key.set(Some(format!(
+                "linear {kind} {}x{}->{}",
+                rows, layer.spec.in_features, layer.spec.out_features
+            )));
+        }
+        me(self.linear_impl(x, layer))
+    }
+
+    fn layer_norm(
+        &self,
+        x: &CudaTensor,
+        gamma: Option<&CudaTensor>,
+        beta: Option<&CudaTensor>,
+        eps: f32,
+    ) -> sd_model::Result<CudaTensor> {
+        let c = *x.shape.last().unwrap_or(&1);
+        let rows = x.numel() / c.max(1);
+        let out = me(self.alloc::<f32>(x.numel()))?;
+        if rows > 0 {
+            me(self.launch(
+                "layer_norm_f32",
+                Self::rows_cfg(rows, THREADS),
+                &[
+                    Arg::P(self.tp(x)),
+                    Arg::P(gamma.map_or(0, |g| self.tp(g))),
+                    Arg::P(beta.map_or(0, |b| self.tp(b))),
+                    Arg::P(self.ptr(&out)),
+                    Arg::I(c as i32),
+                    Arg::F(eps),
+                    Arg::I(self.r()),
+                ],
+            ))?;
+        }
+        Ok(self.wrap(x.shape.clone(), out))
+    }
+
+    fn modulate(
+        &self,
+        x: &CudaTensor,
+        shift: &CudaTensor,
+        scale: &CudaTensor,
+    ) -> sd_model::Result<CudaTensor> {
+        let (b, c) = me(Self::batch_channels(&x.shape, &shift.shape, "modulate"))?;
+        me(Self::same(&shift.shape, &scale.shape, "modulate"))?;
+        let n = x.numel();
+        let out = me(self.alloc::<f32>(n))?;
+        me(self.launch(
+            "modulate_f32",
+            Self::grid(n),
+            &[
+                Arg::P(self.tp(x)),
+                Arg::P(self.tp(shift)),
+                Arg::P(self.tp(scale)),
+                Arg::P(self.ptr(&out)),
+                Arg::U(n as u64),
+                Arg::U((n / b.max(1)) as u64),
+                Arg::U(c as u64),
+                Arg::I(self.r()),
+            ],
+        ))?;
+        Ok(self.wrap(x.shape.clone(), out))
+    }
+
+    fn rms_norm(
+        &self,
+        x: &CudaTensor,
+        gamma: Option<&CudaTensor>,
+        eps: f32,
+    ) -> sd_model::Result<CudaTensor> {
+        let c = *x.shape.last().unwrap_or(&1);
+        let rows = x.numel() / c.max(1);
+        let out = me(self.alloc::<f32>(x.numel()))?;
+        if rows > 0 && c <= 1024 {
+            // Short rows (per-head qk norm: 64 values): one warp per row.
+            me(self.launch(
+                "rms_norm_warp_f32",
+                Self::grid(rows * 32),
+                &[
+                    Arg::P(self.tp(x)),
+                    Arg::P(gamma.map_or(0, |g| self.tp(g))),
+                    Arg::P(self.ptr(&out)),
+                    Arg::U(rows as u64),
+                    Arg::I(c as i32),
+                    Arg::F(eps),
+                    Arg::I(self.r()),
+                ],
+            ))?;
+        } else if rows > 0 {
+            me(self.launch(
+                "rms_norm_f32",
+                Self::rows_cfg(rows, THREADS),
+                &[
+                    Arg::P(self.tp(x)),
+                    Arg::P(gamma.map_or(0, |g| self.tp(g))),
+                    Arg::P(self.ptr(&out)),
+                    Arg::I(c as i32),
+                    Arg::F(eps),
+                    Arg::I(self.r()),
+                ],
+            ))?;
+        }
+        Ok(self.wrap(x.shape.clone(), out))
+    }
+
+    fn group_norm(
+        &self,
+        x: &CudaTensor,
+        groups: usize,
+        gamma: &CudaTensor,
+        beta: &CudaTensor,
+        eps: f32,
+    ) -> sd_model::Result<CudaTensor> {
+        let s = &x.shape;
+        if s.len() != 4 || groups == 0 || !s[1].is_multiple_of(groups) {
+            return Err(ModelError::backend(format!(
+                "group_norm: shape {s:?} with {groups} groups"
+            )));
+        }
+        let out = me(self.alloc::<f32>(x.numel()))?;
+        let len = (s[1] / groups) * s[2] * s[3];
+        let blocks = s[0] * groups;
+        let chunks = (len / 16384).clamp(1, 256);
+        if chunks > 1 {
+            // Large groups (the VAE at 1024x1024: 4M values each): split every group
+            // over `chunks` blocks, three passes.
+            let psum = me(self.alloc::<f64>(blocks * chunks))?;
+            let pvar = me(self.alloc::<f64>(blocks * chunks))?;
+            let cfg = LaunchConfig {
+                grid_dim: (blocks as u32, chunks as u32, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            me(self.launch(
+                "group_norm_sum",
+                cfg,
+                &[
+                    Arg::P(self.tp(x)),
+                    Arg::P(self.ptr(&psum)),
+                    Arg::U(len as u64),
+                ],
+            ))?;
+            me(self.launch(
+                "group_norm_var",
+                cfg,
+                &[
+                    Arg::P(self.tp(x)),
+                    Arg::P(self.ptr(&psum)),
+                    Arg::P(self.ptr(&pvar)),
+                    Arg::U(len as u64),
+                ],
+            ))?;
+            me(self.launch(
+                "group_norm_apply",
+                cfg,
+                &[
+                    Arg::P(self.tp(x)),
+                    Arg::P(self.ptr(&psum)),
+                    Arg::P(self.ptr(&pvar)),
+                    Arg::P(self.tp(gamma)),
+                    Arg::P(self.tp(beta)),
+                    Arg::P(self.ptr(&out)),
+                    Arg::I(groups as i32),
+                    Arg::I((s[1] / groups) as i32),
+                    Arg::U((s[2] * s[3]) as u64),
+                    Arg::F(eps),
+                    Arg::I(self.r()),
+                ],
+            ))?;
+            return Ok(self.wrap(s.clone(), out));
+        }
+        me(self.launch(
+            "group_norm_f32",
+            Self::rows_cfg(s[0] * groups, 512),
+            &[
+                Arg::P(self.tp(x)),
+                Arg::P(self.tp(gamma)),
+                Arg::P(self.tp(beta)),
+                Arg::P(self.ptr(&out)),
+                Arg::I(groups as i32),
+                Arg::I((s[1] / groups) as i32),
+                Arg::U((s[2] * s[3]) as u64),
+                Arg::F(eps),
+                Arg::I(self.r()),
+            ],
+        ))?;
+        Ok(self.wrap(s.clone(), out))
+    }
+
+    fn conv2d(
+        &self,
+        x: &CudaTensor,
+        w: &CudaTensor,
+        b: Option<&CudaTensor>,
+        p: Conv2dParams,
+    ) -> sd_model::Result<CudaTensor> {
+        me(self.conv2d_impl(x, w, b, p))
+    }
+
+    fn upsample_nearest2x(&self, x: &CudaTensor) -> sd_model::Result<CudaTensor> {
+        let s = &x.shape;
+        if s.len() != 4 {
+            return Err(ModelError::backend("upsample: expected [B, C, H, W]"));
+        }
+        let n = x.numel() * 4;
+        let out = me(self.alloc::<f32>(n))?;
+        if n > 0 {
+            me(self.launch(
+                "upsample2x_f32",
+                Self::grid(n),
+                &[
+                    Arg::P(self.tp(x)),
+                    Arg::P(self.ptr(&out)),
+                    Arg::U((s[0] * s[1]) as u64),
+                    Arg::U(s[2] as u64),
+                    Arg::U(s[3] as u64),
+                ],
+            ))?;
+        }
+        Ok(self.wrap(vec![s[0], s[1], 2 * s[2], 2 * s[3]], out))
+    }
+
+    fn attention(
+        &self,
+        q: &CudaTensor,
+        k: &CudaTensor,
+        v: &CudaTensor,
+        p: AttentionParams<'_, CudaTensor>,
+    ) -> sd_model::Result<CudaTensor> {
+        if self.profile.borrow().is_some() && q.shape.len() == 3 && k.shape.len() == 3 {
+            let d = q.shape[2] / p.heads.max(1);
+            let fast = p.bias.is_none() && !p.causal && self.precision != CudaPrecision::F32;
+            let path = if fast && self.flash.get() && d == 64 {
+                "flash"
+            } else if fast && d > 64 && d.is_multiple_of(8) && k.shape[1].is_multiple_of(8) {
+                "gemm"
+            } else {
+                "exact"
+            };
+            self.op_key.set(Some(format!(
+                "attention {path} {}x{} h{} d{d}",
+                q.shape[1], k.shape[1], p.heads
+            )));
+        }
+        me(self.attention_impl(q, k, v, p))
+    }
+
+    fn activation(&self, x: &CudaTensor, act: Activation) -> sd_model::Result<CudaTensor> {
+        let op = match act {
+            Activation::Silu => 1,
+            Activation::Gelu => 2,
+            Activation::GeluTanh => 3,
+            Activation::QuickGelu => 4,
+            Activation::Relu => 5,
+        };
+        me(self.unary(x, op, 0.0, 0.0))
+    }
+
+    fn add(&self, a: &CudaTensor, b: &CudaTensor) -> sd_model::Result<CudaTensor> {
+        let (sa, sb) = (&a.shape, &b.shape);
+        let period = if sa == sb {
+            a.numel()
+        } else if sb.len() == 1 && sa.last() == sb.last() {
+            sb[0]
+        } else if sb.len() == sa.len() && sb[0] == 1 && sb[1..] == sa[1..] {
+            b.numel()
+        } else {
+            return Err(ModelError::backend(format!(
+                "add: cannot broadcast {sb:?} to {sa:?}"
+            )));
+        };
+        me(self.binary(a, b, period, 0, 0.0))
+    }
+
+    fn mul(&self, a: &CudaTensor, b: &CudaTensor) -> sd_model::Result<CudaTensor> {
+        me(Self::same(&a.shape, &b.shape, "mul"))?;
+        me(self.binary(a, b, 1, 1, 0.0))
+    }
+
+    fn scale_shift(&self, x: &CudaTensor, a: f32, b: f32) -> sd_model::Result<CudaTensor> {
+        me(self.unary(x, 6, a, b))
+    }
+
+    fn gated_add(
+        &self,
+        x: &CudaTensor,
+        gate: &CudaTensor,
+        y: &CudaTensor,
+    ) -> sd_model::Result<CudaTensor> {
+        me(Self::same(&x.shape, &y.shape, "gated_add"))?;
+        let (b, c) = me(Self::batch_channels(&x.shape, &gate.shape, "gated_add"))?;
+        let n = x.numel();
+        let out = me(self.alloc::<f32>(n))?;
+        me(self.launch(
+            "gated_add_f32",
+            Self::grid(n),
+            &[
+                Arg::P(self.tp(x)),
+                Arg::P(self.tp(gate)),
+                Arg::P(self.tp(y)),
+                Arg::P(self.ptr(&out)),
+                Arg::U(n as u64),
+                Arg::U((n / b.max(1)) as u64),
+                Arg::U(c as u64),
+                Arg::I(self.r()),
+            ],
+        ))?;
+        Ok(self.wrap(x.shape.clone(), out))
+    }
+
+    fn concat(&self, parts: &[&CudaTensor], dim: usize) -> sd_model::Result<CudaTensor> {
+        let first = parts
+            .first()
+            .ok_or_else(|| ModelError::backend("concat of nothing"))?;
+        let s0 = &first.shape;
+        if dim >= s0.len() {
+            return Err(ModelError::backend("concat: dim out of range"));
+        }
+        for p in parts {
+            let s = &p.shape;
+            if s.len() != s0.len() || s.iter().enumerate().any(|(i, &d)| i != dim && d != s0[i]) {
+                return Err(ModelError::backend(format!("concat: {s:?} vs {s0:?}")));
+            }
+        }
+        let outer: usize = s0[..dim].iter().product();
+        let inner: usize = s0[dim + 1..].iter().product();
+        let total: usize = parts.iter().map(|p| p.shape[dim]).sum();
+        let out = me(self.alloc::<f32>(outer * total * inner))?;
+        let base = self.ptr(&out);
+        let mut off = 0usize;
+        for p in parts {
+            let width = p.shape[dim] * inner;
+            me(self.copy2d(
+                self.tp(p),
+                base + (off * 4) as u64,
+                outer,
+                width,
+                width,
+                total * inner,
+            ))?;
+            off += width;
+        }
+        let mut shape = s0.clone();
+        shape[dim] = total;
+        Ok(self.wrap(shape, out))
+    }
+
+    fn narrow(
+        &self,
+        x: &CudaTensor,
+        dim: usize,
+        start: usize,
+        len: usize,
+    ) -> sd_model::Result<CudaTensor> {
+        let s = &x.shape;
+        if dim >= s.len() || start + len > s[dim] {
+            return Err(ModelError::backend(format!(
+                "narrow: {start}+{len} out of range of dim {dim} in {s:?}"
+            )));
+        }
+        let outer: usize = s[..dim].iter().product();
+        let inner: usize = s[dim + 1..].iter().product();
+        let out = me(self.alloc::<f32>(outer * len * inner))?;
+        me(self.copy2d(
+            self.tp(x) + (start * inner * 4) as u64,
+            self.ptr(&out),
+            outer,
+            len * inner,
+            s[dim] * inner,
+            len * inner,
+        ))?;
+        let mut shape = s.clone();
+        shape[dim] = len;
+        Ok(self.wrap(shape, out))
+    }
+
+    fn permute(&self, x: &CudaTensor, perm: &[usize]) -> sd_model::Result<CudaTensor> {
+        me(self.permute_impl(x, perm))
+    }
+
+    fn pad_last(&self, x: &CudaTensor, size: usize) -> sd_model::Result<CudaTensor> {
+        let c = *x.shape.last().unwrap_or(&0);
+        if size < c {
+            return Err(ModelError::backend(format!("pad_last: {c} > {size}")));
+        }
+        let rows = x.numel() / c.max(1);
+        let out = me(self.zeros::<f32>(rows * size))?;
+        me(self.copy2d(self.tp(x), self.ptr(&out), rows, c, c, size))?;
+        let mut shape = x.shape.clone();
+        if let Some(l) = shape.last_mut() {
+            *l = size;
+        }
+        Ok(self.wrap(shape, out))
+    }
+
+    fn embedding(
+        &self,
+        table: &CudaTensor,
+        ids: &[u32],
+        batch: usize,
+        seq: usize,
+    ) -> sd_model::Result<CudaTensor> {
+        let s = &table.shape;
+        if s.len() != 2 || ids.len() != batch * seq {
+            return Err(ModelError::backend("embedding: bad table or id count"));
+        }
+        let (v, c) = (s[0], s[1]);
+        if let Some(&id) = ids.iter().find(|&&id| id as usize >= v) {
+            return Err(ModelError::input(format!(
+                "token id {id} outside vocabulary of {v}"
+            )));
+        }
+        me(self.gather_rows(table, ids, c, vec![batch, seq, c]))
+    }
+
+    fn select_tokens(&self, x: &CudaTensor, index: &[usize]) -> sd_model::Result<CudaTensor> {
+        let s = &x.shape;
+        if s.len() != 3 || index.len() != s[0] || index.iter().any(|&i| i >= s[1]) {
+            return Err(ModelError::backend("select_tokens: bad index"));
+        }
+        let idx: Vec<u32> = index
+            .iter()
+            .enumerate()
+            .map(|(b, &i)| (b * s[1] + i) as u32)
+            .collect();
+        me(self.gather_rows(x, &idx, s[2], vec![s[0], s[2]]))
+    }
+
+    fn guidance(
+        &self,
+        uncond: &CudaTensor,
+        cond: &CudaTensor,
+        g: f32,
+    ) -> sd_model::Result<CudaTensor> {
+        me(Self::same(&uncond.shape, &cond.shape, "guidance"))?;
+        me(self.binary(uncond, cond, 1, 2, g))
+    }
+
+    fn euler_step(&self, x: &CudaTensor, v: &CudaTensor, dt: f32) -> sd_model::Result<CudaTensor> {
+        me(Self::same(&x.shape, &v.shape, "euler_step"))?;
+        me(self.binary(x, v, 1, 3, dt))
+    }
+}
+
+type Job = Box<dyn FnOnce(&Inner) + Send + 'static>;
+
+/// The CUDA backend: a handle to one GPU's owner thread.
+///
+/// The worker thread creates the CUDA context (bound to it for its whole life), the
+/// stream, the cuBLASLt handle and workspace, and runs every operation; the backend's
+/// methods send it a job and wait for the answer (text-embeddings-inference style).
+/// Tensors and layers are plain device buffers and may be dropped on any thread.
+pub struct CudaBackend {
+    tx: Mutex<Option<mpsc::Sender<Job>>>,
+    worker: Option<std::thread::JoinHandle<()>>,
+    ordinal: usize,
+    gpu: String,
+    cc: (i32, i32),
+    precision: CudaPrecision,
+    build_id: String,
+}
+
+impl CudaBackend {
+    /// Opens GPU `ordinal` on a new owner thread, compiles the kernels for it with NVRTC
+    /// and creates the cuBLASLt handle. Errors name a missing library (libcuda,
+    /// libnvrtc, libcublasLt) or refuse FP8 on GPUs below compute capability 8.9.
+    pub fn new(ordinal: usize, precision: CudaPrecision) -> Result<Self> {
+        Self::spawn(ordinal, precision, None)
+    }
+
+    /// As [`CudaBackend::new`] with PTX compiled earlier (an engine bundle's).
+    pub fn with_kernels(
+        ordinal: usize,
+        precision: CudaPrecision,
+        kernels: &CompiledKernels,
+    ) -> Result<Self> {
+        Self::spawn(ordinal, precision, Some(kernels.clone()))
+    }
+
+    fn spawn(
+        ordinal: usize,
+        precision: CudaPrecision,
+        kernels: Option<CompiledKernels>,
+    ) -> Result<Self> {
+        // Checked here too so the error comes before a thread is started.
+        check_libraries()?;
+        let (tx, rx) = mpsc::channel::<Job>();
+        let (itx, irx) = mpsc::channel::<Result<(String, (i32, i32), String)>>();
+        let worker = std::thread::Builder::new()
+            .name(format!("sd-cuda:{ordinal}"))
+            .spawn(move || {
+                let inner = match Inner::open(ordinal, precision, kernels) {
+                    Ok(i) => {
+                        let _ = itx.send(Ok((i.gpu.clone(), i.cc, i.build_id.clone())));
+                        i
+                    }
+                    Err(e) => {
+                        let _ = itx.send(Err(e));
+                        return;
+                    }
+                };
+                while let Ok(job) = rx.recv() {
+                    // A panicking job must not take the GPU's owner down with it; its
+                    // caller sees the dropped reply channel.
+                    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(&inner)));
+                }
+            })
+            .map_err(|e| CudaError::Driver(format!("cannot start the GPU thread: {e}")))?;
+        let (gpu, cc, build_id) = irx
+            .recv()
+            .map_err(|_| CudaError::Driver("the GPU thread died while starting".into()))??;
+        Ok(Self {
+            tx: Mutex::new(Some(tx)),
+            worker: Some(worker),
+            ordinal,
+            gpu,
+            cc,
+            precision,
+            build_id,
+        })
+    }
+
+    /// Runs `f` on the owner thread and waits for it.
+    fn run<R: Send, F: FnOnce(&Inner) -> R + Send>(&self, f: F) -> Result<R> {
+        let (rtx, rrx) = mpsc::sync_channel::<R>(1);
+        let job: Box<dyn FnOnce(&Inner) + Send + '_> = Box::new(move |inner: &Inner| {
+            if inner.profile.borrow().is_none() {
+                let _ = rtx.send(f(inner));
+                return;
+            }
+            // Profiling: the stream is drained before and after, so the wall time is
+            // this operation's GPU time plus its launch overhead.
+            let _ = inner.stream.synchronize();
+            let t0 = std::time::Instant::now();
+            let r = f(inner);
+            let _ = inner.stream.synchronize();
+            let ms = t0.elapsed().as_secs_f64() * 1e3;
+            let key = inner
+                .op_key
+                .take()
+                .unwrap_or_else(|| op_name(std::any::type_name::<F>()));
+            if let Some(p) = inner.profile.borrow_mut().as_mut() {
+                let e = p.ops.entry(key).or_insert((0, 0.0));
+                e.0 += 1;
+                e.1 += ms;
+            }
+            let _ = rtx.send(r);
+        });
+        // SAFETY: only the lifetime is erased. This function does not return before the
+        // job has run or been dropped (the reply channel disconnects only then), so
+        // everything the job borrows outlives it.
+        let job: Job = unsafe { std::mem::transmute(job) };
+        {
+            let guard = self
+                .tx
+                .lock()
+                .map_err(|_| CudaError::Driver("GPU thread channel poisoned".into()))?;
+            let tx = guard
+                .as_ref()
+                .ok_or_else(|| CudaError::Driver("GPU thread stopped".into()))?;
+            tx.send(job)
+                .map_err(|_| CudaError::Driver("the GPU thread has exited".into()))?;
+        }
+        rrx.recv()
+            .map_err(|_| CudaError::Driver("a GPU operation panicked".into()))
+    }
+
+    fn call<R: Send>(
+        &self,
+        f: impl FnOnce(&Inner) -> sd_model::Result<R> + Send,
+    ) -> sd_model::Result<R> {
+        me(self.run(f))?
+    }
+
+    /// GPU memory: the pool's peak and current use, the device's free/total, and the
+    /// parameter bytes uploaded so far.
+    pub fn memory_stats(&self) -> Result<MemoryStats> {
+        self.run(|i| -> Result<MemoryStats> {
+            use cudarc::driver::sys::CUmemPool_attribute as P;
+            i.ctx.bind_to_thread()?;
+            let get = |a: P| -> Result<u64> {
+                let mut v = 0u64;
+                // SAFETY: the attribute is a u64 of this context's pool.
+                unsafe {
+                    cudarc::driver::sys::cuMemPoolGetAttribute(
+                        i.pool,
+                        a,
+                        &mut v as *mut u64 as *mut c_void,
+                    )
+                    .result()?
+                };
+                Ok(v)
+            };
+            let (free, total) = cudarc::driver::result::mem_get_info()?;
+            Ok(MemoryStats {
+                peak_used: get(P::CU_MEMPOOL_ATTR_USED_MEM_HIGH)?,
+                used: get(P::CU_MEMPOOL_ATTR_USED_MEM_CURRENT)?,
+                peak_reserved: get(P::CU_MEMPOOL_ATTR_RESERVED_MEM_HIGH)?,
+                device_free: free as u64,
+                device_total: total as u64,
+                param_bytes: i.param_bytes.get(),
+            })
+        })?
+    }
+
+    /// Resets the pool's high-water marks (after a synchronisation).
+    pub fn reset_peak_memory(&self) -> Result<()> {
+        self.run(|i| -> Result<()> {
+            use cudarc::driver::sys::CUmemPool_attribute as P;
+            i.ctx.bind_to_thread()?;
+            i.stream.synchronize()?;
+            for a in [
+                P::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+                P::CU_MEMPOOL_ATTR_RESERVED_MEM_HIGH,
+            ] {
+                let mut zero = 0u64;
+                // SAFETY: resetting a u64 high-water mark of this context's pool.
+                unsafe {
+                    cudarc::driver::sys::cuMemPoolSetAttribute(
+                        i.pool,
+                        a,
+                        &mut zero as *mut u64 as *mut c_void,
+                    )
+                    .result()?
+                };
+            }
+            Ok(())
+        })?
+    }
+
+    /// Switches the flash-attention kernel (head dim 64, no mask or bias) on or off
+    /// (off: the exact reference kernel everywhere).
+    pub fn set_flash_attention(&self, on: bool) -> Result<()> {
+        self.run(|i| i.flash.set(on))
+    }
+
+    /// Turns per-operation timing on (the stream is synchronised around every
+    /// operation, which slows a step down) or off; turning it on clears the totals.
+    pub fn set_profiling(&self, on: bool) -> Result<()> {
+        self.run(|i| {
+            *i.profile.borrow_mut() = on.then(Profile::default);
+        })
+    }
+
+    /// The per-operation totals since profiling was turned on: (operation, calls,
+    /// milliseconds), longest first.
+    pub fn profile(&self) -> Result<Vec<(String, u64, f64)>> {
+        self.run(|i| {
+            let mut v: Vec<(String, u64, f64)> = i
+                .profile
+                .borrow()
+                .as_ref()
+                .map(|p| {
+                    p.ops
+                        .iter()
+                        .map(|(k, &(n, ms))| (k.clone(), n, ms))
+                        .collect()
+                })
+                .unwrap_or_default();
+            v.sort_by(|a, b| b.2.total_cmp(&a.2));
+            v
+        })
+    }
+
+    /// Chooses how FP8 layers loaded from now on run (see [`Fp8Gemm`]).
+    pub fn with_fp8_gemm(self, mode: Fp8Gemm) -> Self {
+        let _ = self.run(|i| i.fp8_gemm.set(mode));
+        self
+    }
+
+    pub fn gpu_name(&self) -> &str {
+        &self.gpu
+    }
+    pub fn compute_capability(&self) -> (i32, i32) {
+        self.cc
+    }
+    pub fn precision(&self) -> CudaPrecision {
+        self.precision
+    }
+    pub fn kernel_build_id(&self) -> &str {
+        &self.build_id
+    }
+    /// Waits for all queued work.
+    pub fn synchronize(&self) -> Result<()> {
+        self.run(|i| i.stream.synchronize().map_err(CudaError::from))?
+    }
+    /// Quantizes `x` to FP8 codes with a host scale, on the GPU (for tests).
+    pub fn quantize_fp8(&self, x: &CudaTensor, format: Fp8Format, scale: f32) -> Result<Vec<u8>> {
+        self.run(|i| i.quantize_fp8(x, format, scale))?
+    }
+}
+
+impl Drop for CudaBackend {
+    fn drop(&mut self) {
+        if let Ok(mut g) = self.tx.lock() {
+            g.take();
+        }
+        if let Some(w) = self.worker.take() {
+            let _ = w.join();
+        }
+    }
+}
+
+impl Backend for CudaBackend {
+    type Tensor = CudaTensor;
+    type Linear = CudaLinear;
+
+    fn describe(&self) -> String {
+        let p = match self.precision {
+            CudaPrecision::F32 => "fp32",
+            CudaPrecision::Bf16 => "bf16",
+            CudaPrecision::Fp8 => "fp8",
+        };
+        format!("cuda:{} {} {p}", self.ordinal, self.gpu)
+    }
+    fn upload(&self, t: &HostTensor) -> sd_model::Result<CudaTensor> {
+        self.call(|i| i.upload(t))
+    }
+    fn download(&self, t: &CudaTensor) -> sd_model::Result<HostTensor> {
+        self.call(|i| i.download(t))
+    }
+    fn dims(&self, t: &CudaTensor) -> Vec<usize> {
+        t.shape.clone()
+    }
+    fn load_param(&self, w: &WeightTensor<'_>) -> sd_model::Result<CudaTensor> {
+        self.call(|i| i.load_param(w))
+    }
+    fn load_linear(
+        &self,
+        spec: &LinearSpec,
+        weight: &WeightTensor<'_>,
+        bias: Option<&WeightTensor<'_>>,
+    ) -> sd_model::Result<CudaLinear> {
+        self.call(|i| i.load_linear(spec, weight, bias))
+    }
+    fn linear(&self, x: &CudaTensor, layer: &CudaLinear) -> sd_model::Result<CudaTensor> {
+        self.call(|i| i.linear(x, layer))
+    }
+    fn layer_norm(
+        &self,
+        x: &CudaTensor,
+        gamma: Option<&CudaTensor>,
+        beta: Option<&CudaTensor>,
+        eps: f32,
+    ) -> sd_model::Result<CudaTensor> {
+        self.call(|i| i.layer_norm(x, gamma, beta, eps))
+    }
+    fn modulate(
+        &self,
+        x: &CudaTensor,
+        shift: &CudaTensor,
+        scale: &CudaTensor,
+    ) -> sd_model::Result<CudaTensor> {
+        self.call(|i| i.modulate(x, shift, scale))
+    }
+    fn rms_norm(
+        &self,
+        x: &CudaTensor,
+        gamma: Option<&CudaTensor>,
+        eps: f32,
+    ) -> sd_model::Result<CudaTensor> {
+        self.call(|i| i.rms_norm(x, gamma, eps))
+    }
+    fn group_norm(
+        &self,
+        x: &CudaTensor,
+        groups: usize,
+        gamma: &CudaTensor,
+        beta: &CudaTensor,
+        eps: f32,
+    ) -> sd_model::Result<CudaTensor> {
+        self.call(|i| i.group_norm(x, groups, gamma, beta, eps))
+    }
+    fn conv2d(
+        &self,
+        x: &CudaTensor,
+        w: &CudaTensor,
+        b: Option<&CudaTensor>,
+        p: Conv2dParams,
+    ) -> sd_model::Result<CudaTensor> {
+        self.call(|i| i.conv2d(x, w, b, p))
+    }
+    fn upsample_nearest2x(&self, x: &CudaTensor) -> sd_model::Result<CudaTensor> {
+        self.call(|i| i.upsample_nearest2x(x))
+    }
+    fn attention(
+        &self,
+        q: &CudaTensor,
+        k: &CudaTensor,
+        v: &CudaTensor,
+        p: AttentionParams<'_, CudaTensor>,
+    ) -> sd_model::Result<CudaTensor> {
+        self.call(|i| i.attention(q, k, v, p))
+    }
+    fn activation(&self, x: &CudaTensor, act: Activation) -> sd_model::Result<CudaTensor> {
+        self.call(|i| i.activation(x, act))
+    }
+    fn add(&self, a: &CudaTensor, b: &CudaTensor) -> sd_model::Result<CudaTensor> {
+        self.call(|i| i.add(a, b))
+    }
+    fn mul(&self, a: &CudaTensor, b: &CudaTensor) -> sd_model::Result<CudaTensor> {
+        self.call(|i| i.mul(a, b))
+    }
+    fn scale_shift(&self, x: &CudaTensor, a: f32, b: f32) -> sd_model::Result<CudaTensor> {
+        self.call(|i| i.scale_shift(x, a, b))
+    }
+    fn gated_add(
+        &self,
+        x: &CudaTensor,
+        gate: &CudaTensor,
+        y: &CudaTensor,
+    ) -> sd_model::Result<CudaTensor> {
+        self.call(|i| i.gated_add(x, gate, y))
+    }
+    fn concat(&self, parts: &[&CudaTensor], dim: usize) -> sd_model::Result<CudaTensor> {
+        self.call(|i| i.concat(parts, dim))
+    }
+    fn narrow(
+        &self,
+        x: &CudaTensor,
+        dim: usize,
+        start: usize,
+        len: usize,
+    ) -> sd_model::Result<CudaTensor> {
+        self.call(|i| i.narrow(x, dim, start, len))
+    }
+    fn reshape(&self, x: &CudaTensor, shape: &[usize]) -> sd_model::Result<CudaTensor> {
+        if shape.iter().product::<usize>() != x.numel() {
+            return Err(ModelError::backend(format!(
+                "cannot reshape {:?} to {shape:?}",
+                x.shape
+            )));
+        }
+        Ok(CudaTensor {
+            shape: shape.to_vec(),
+            buf: x.buf.clone(),
+        })
+    }
+    fn permute(&self, x: &CudaTensor, perm: &[usize]) -> sd_model::Result<CudaTensor> {
+        self.call(|i| i.permute(x, perm))
+    }
+    fn pad_last(&self, x: &CudaTensor, size: usize) -> sd_model::Result<CudaTensor> {
+        self.call(|i| i.pad_last(x, size))
+    }
+    fn embedding(
+        &self,
+        table: &CudaTensor,
+        ids: &[u32],
+        batch: usize,
+        seq: usize,
+    ) -> sd_model::Result<CudaTensor> {
+        self.call(|i| i.embedding(table, ids, batch, seq))
+    }
+    fn select_tokens(&self, x: &CudaTensor, index: &[usize]) -> sd_model::Result<CudaTensor> {
+        self.call(|i| i.select_tokens(x, index))
+    }
+    fn guidance(
+        &self,
+        uncond: &CudaTensor,
+        cond: &CudaTensor,
+        g: f32,
+    ) -> sd_model::Result<CudaTensor> {
+        self.call(|i| i.guidance(uncond, cond, g))
+    }
+    fn euler_step(&self, x: &CudaTensor, v: &CudaTensor, dt: f32) -> sd_model::Result<CudaTensor> {
+        self.call(|i| i.euler_step(x, v, dt))
+    }
+}
