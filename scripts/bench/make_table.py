@@ -1,0 +1,259 @@
+#!/usr/bin/env python3
+"""Merges one device run's figures into results.json, table.md and profile.md.
+
+    make_table.py WORK_DIR OUT_DIR
+
+WORK_DIR holds what scripts/bench/run_bench.sh --device wrote: bench-medium.json and
+bench-large.json (sd-cuda), peer-medium.jsonl and peer-large.jsonl (diffusers,
+../shared/peer/sd35_peer.py), nvidia-smi.csv and date.txt. Standard library only.
+"""
+import json
+import os
+import re
+import sys
+
+STEPS = 28
+FLOP = {"sd3.5-medium": 2.25e13, "sd3.5-large": 6.23e13}
+
+
+def load_json(p):
+    try:
+        with open(p) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def load_jsonl(p):
+    out = []
+    try:
+        with open(p) as f:
+            for line in f:
+                line = line.strip()
+                if line.startswith("{"):
+                    try:
+                        out.append(json.loads(line))
+                    except ValueError:
+                        pass
+                elif line.startswith("torch gemm"):
+                    out.append({"gemm": line})
+    except OSError:
+        pass
+    return out
+
+
+def read(p, default=""):
+    try:
+        with open(p) as f:
+            return f.read().strip()
+    except OSError:
+        return default
+
+
+def category(op):
+    if op.startswith("linear fp8"):
+        return "linear FP8 (quantize + GEMM + epilogue)"
+    if op.startswith("linear bf16"):
+        return "linear BF16 (cast + GEMM + epilogue)"
+    if op.startswith("linear"):
+        return "linear other"
+    if op.startswith("attention"):
+        return "attention"
+    if op in ("layer_norm", "rms_norm", "group_norm", "modulate"):
+        return "norms + modulate"
+    if op in ("activation", "add", "mul", "gated_add", "scale_shift"):
+        return "elementwise"
+    if op in ("concat", "narrow", "permute", "reshape", "pad_last", "upload", "download"):
+        return "layout / copies"
+    return "other (" + op + ")"
+
+
+def fmt(v, nd=1):
+    if v is None:
+        return "—"
+    if isinstance(v, float):
+        return f"{v:.{nd}f}"
+    return str(v)
+
+
+def main():
+    work, out = sys.argv[1], sys.argv[2]
+    gpu = read(os.path.join(work, "nvidia-smi.csv"), "unknown GPU")
+    date = read(os.path.join(work, "date.txt"), "unknown date")
+    ours = []
+    attention, vae, fp8_vs_bf16, errors = [], [], [], []
+    for m in ("medium", "large"):
+        d = load_json(os.path.join(work, f"bench-{m}.json"))
+        if not d:
+            continue
+        ours += d.get("transformer", [])
+        attention += d.get("attention", [])
+        vae += d.get("vae", [])
+        fp8_vs_bf16 += d.get("fp8_vs_bf16", [])
+        errors += d.get("errors", [])
+    peer = []
+    for m in ("medium", "large"):
+        peer += load_jsonl(os.path.join(work, f"peer-{m}.jsonl"))
+    results = {
+        "device": gpu, "date": date, "sd_cuda": ours, "attention": attention, "vae": vae,
+        "fp8_vs_bf16": fp8_vs_bf16, "errors": errors, "peer": peer,
+    }
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump(results, f, indent=1)
+
+    def peer_step(model, kind):
+        for p in peer:
+            if p.get("model") == model and p.get("peer", "").startswith(kind):
+                return p
+        return None
+
+    L = []
+    L.append("# SD3.5 transformer step: sd-cuda vs diffusers, one device run\n")
+    L.append(f"Device: **{gpu}**; date {date}. 1024x1024, batch 2 (classifier-free guidance), "
+             "333 text tokens, random weights (real architectures). sd-cuda: median of "
+             "stream-synchronised wall time per step after warm-up; diffusers: median of CUDA "
+             "events (../shared/peer/sd35_peer.py) in the same device call. Peak memory: "
+             "sd-cuda's pool high-water mark, diffusers' `max_memory_allocated` "
+             "(both include the weights).\n")
+    for model in ("sd3.5-medium", "sd3.5-large"):
+        rows = [r for r in ours if r.get("model") == model]
+        eager = peer_step(model, "diffusers-eager")
+        comp = peer_step(model, "diffusers-torch.compile")
+        if not rows and not eager:
+            continue
+        L.append(f"\n## {model}\n")
+        L.append("| engine | step ms | vs diffusers eager | vs torch.compile | TFLOP/s | peak GiB | weight GiB |")
+        L.append("| --- | --- | --- | --- | --- | --- | --- |")
+        e_ms = eager["step_ms"] if eager else None
+        c_ms = comp["step_ms"] if comp else None
+        if eager:
+            L.append(f"| diffusers eager BF16 | {e_ms:.1f} | 1.00x | "
+                     f"{(c_ms / e_ms if c_ms else 0):.2f}x | {FLOP[model] / e_ms / 1e9:.0f} | "
+                     f"{eager.get('peak_gib', '—')} | {eager.get('params_b', 0) * 2 / 1.0737:.2f} |")
+        if comp:
+            L.append(f"| diffusers torch.compile BF16 ({comp.get('compile_s', '?')} s compile) | "
+                     f"{c_ms:.1f} | {(e_ms / c_ms if e_ms else 0):.2f}x | 1.00x | "
+                     f"{FLOP[model] / c_ms / 1e9:.0f} | — | — |")
+        elif eager:
+            L.append("| diffusers torch.compile BF16 | not run in this call | | | | | |")
+        for r in sorted(rows, key=lambda r: r["precision"], reverse=True):
+            ms = r["step_ms_median"]
+            L.append(f"| sd-cuda {r['precision'].upper()} | {ms:.1f} | "
+                     f"{(e_ms / ms if e_ms else 0):.2f}x | {(c_ms / ms if c_ms else 0):.2f}x | "
+                     f"{FLOP[model] / ms / 1e9:.0f} | {r['peak_gib']:.2f} | {r['param_gib']:.2f} |")
+            if "exact_attention_step_ms" in r:
+                ex = r["exact_attention_step_ms"]
+                L.append(f"| sd-cuda {r['precision'].upper()}, exact attention kernel (before this issue's work) | "
+                         f"{ex:.0f} | {(e_ms / ex if e_ms else 0):.2f}x | {(c_ms / ex if c_ms else 0):.2f}x | "
+                         f"{FLOP[model] / ex / 1e9:.0f} | | |")
+        by = {r["precision"]: r for r in rows}
+        if "fp8" in by and "bf16" in by:
+            L.append(f"\nTransformer weight bytes FP8 / BF16: {by['fp8']['param_bytes'] / by['bf16']['param_bytes']:.3f} "
+                     f"({by['fp8']['param_gib']:.2f} / {by['bf16']['param_gib']:.2f} GiB; "
+                     f"{by['fp8']['fp8_layers']} FP8 layers; non-linear parameters are stored as f32).")
+        # TensorRT-demo-style per-stage table (what this harness measures).
+        fp8 = by.get("fp8")
+        if fp8:
+            vms = vae[0]["ms_median"] if vae else None
+            pv = next((p for p in peer if p.get("peer") == "diffusers-vae-decode-bf16"), None)
+            L.append(f"\nPer stage, one 1024x1024 image, {STEPS} steps with CFG (TensorRT demo style; "
+                     "text encoders not yet measured):\n")
+            L.append("| stage | sd-cuda FP8 ms | diffusers eager ms | diffusers compile ms |")
+            L.append("| --- | --- | --- | --- |")
+            L.append("| CLIP-L + CLIP-G | not measured | not measured | — |")
+            L.append("| T5-XXL | not measured | not measured | — |")
+            t_ours = fp8["step_ms_median"] * STEPS
+            L.append(f"| transformer x {STEPS} | {t_ours:.0f} | {fmt(e_ms and e_ms * STEPS, 0)} | {fmt(c_ms and c_ms * STEPS, 0)} |")
+            L.append(f"| VAE decode | {fmt(vms, 1)} (BF16) | {fmt(pv and pv['ms'], 1)} | — |")
+            if vms and pv and e_ms:
+                L.append(f"| transformer + VAE | {t_ours + vms:.0f} | {e_ms * STEPS + pv['ms']:.0f} | "
+                         f"{(c_ms * STEPS + pv['ms']) if c_ms else 0:.0f} |")
+    if attention:
+        a = attention[0]
+        L.append("\n## Joint attention kernel (SD3.5-medium shape)\n")
+        for vr in a.get("variants", []):
+            ve = vr.get("vs_exact", {})
+            L.append(f"- `{vr['kernel']}`: {vr['ms']:.3f} ms, {vr['tflops']:.0f} TFLOP/s"
+                     + (f", vs exact max rel {ve['max_rel']:.2e}" if ve else "")
+                     + ("" if vr.get("ok", True) else " (FAILED the check)"))
+        L.append("")
+        L.append(f"{a['shape']}: flash (`{a.get('flash_kernel', 'flash_attn_d64')}`, used for the steps above) "
+                 f"{a['flash_ms']:.3f} ms ({a['flash_tflops']:.0f} TFLOP/s)"
+                 + (f"; exact reference kernel {a['exact_ms']:.1f} ms ({a['exact_tflops']} TFLOP/s); "
+                    f"flash vs exact max rel {a['flash_vs_exact']['max_rel']:.2e}, "
+                    f"rms rel {a['flash_vs_exact']['rms_rel']:.2e}" if "exact_ms" in a else "") + ".")
+    if vae:
+        pv = next((p for p in peer if p.get("peer") == "diffusers-vae-decode-bf16"), None)
+        v = vae[0]
+        L.append("\n## VAE decode 1024x1024, batch 1, BF16\n")
+        L.append(f"sd-cuda {v['ms_median']:.1f} ms (peak {v['peak_gib']:.2f} GiB)"
+                 + (f"; diffusers eager {pv['ms']:.1f} ms ({pv['ms'] / v['ms_median']:.2f}x)" if pv else "") + ".")
+    if fp8_vs_bf16:
+        L.append("\n## FP8 vs BF16 output of one step (random weights)\n")
+        for x in fp8_vs_bf16:
+            L.append(f"- {x['model']}: max rel {x['max_rel']:.3e}, rms rel {x['rms_rel']:.3e}")
+    for r in ours:
+        if "flash_vs_exact_step_output" in r:
+            x = r["flash_vs_exact_step_output"]
+            L.append(f"- {r['model']} {r['precision']}: step output with flash vs exact attention: "
+                     f"max rel {x['max_rel']:.3e}, rms rel {x['rms_rel']:.3e}")
+    gem = [p["gemm"] for p in peer if "gemm" in p]
+    if gem:
+        L.append("\n## torch._scaled_mm GEMM ceiling (peer script)\n")
+        for g in dict.fromkeys(gem):
+            L.append(f"- {g}")
+    if errors:
+        L.append("\n## Errors\n")
+        for e in errors:
+            L.append(f"- {e}")
+    with open(os.path.join(out, "table.md"), "w") as f:
+        f.write("\n".join(L) + "\n")
+
+    P = ["# Where an sd-cuda transformer step spends its time\n",
+         f"Device: **{gpu}**; date {date}. One profiled step per engine at 1024x1024, batch 2: the "
+         "backend synchronises the stream around every operation and sums wall time per "
+         "operation (so launch overheads are included and the profiled step is longer than "
+         "a normal one).\n"]
+    for r in ours:
+        prof = r.get("profile") or []
+        tot = sum(p["ms"] for p in prof) or 1.0
+        cats = {}
+        for p in prof:
+            c = category(p["op"])
+            n, ms = cats.get(c, (0, 0.0))
+            cats[c] = (n + p["calls"], ms + p["ms"])
+        P.append(f"\n## {r['model']} {r['precision'].upper()} (profiled step {r['profiled_step_ms']} ms, "
+                 f"normal step {r['step_ms_median']} ms)\n")
+        P.append("| category | calls | ms | share |")
+        P.append("| --- | --- | --- | --- |")
+        for c, (n, ms) in sorted(cats.items(), key=lambda kv: -kv[1][1]):
+            P.append(f"| {c} | {n} | {ms:.2f} | {100 * ms / tot:.1f}% |")
+        P.append("\nTop operations:\n")
+        P.append("| operation | calls | ms | share | TFLOP/s |")
+        P.append("| --- | --- | --- | --- | --- |")
+        for p in prof[:18]:
+            tf = ""
+            m = re.match(r"linear \S+ (\d+)x(\d+)->(\d+)", p["op"])
+            if m:
+                rows, k, n = map(int, m.groups())
+                tf = f"{2 * rows * k * n * p['calls'] / p['ms'] / 1e9:.0f}"
+            m = re.match(r"attention \S+ (\d+)x(\d+) h(\d+) d(\d+)", p["op"])
+            if m:
+                sq, sk, h, d = map(int, m.groups())
+                tf = f"{4 * 2 * h * sq * sk * d * p['calls'] / p['ms'] / 1e9:.0f}"
+            P.append(f"| {p['op']} | {p['calls']} | {p['ms']:.2f} | {100 * p['ms'] / tot:.1f}% | {tf} |")
+    for v in vae:
+        prof = v.get("profile") or []
+        tot = sum(p["ms"] for p in prof) or 1.0
+        P.append("\n## VAE decode 1024x1024 BF16\n")
+        P.append("| operation | calls | ms | share |")
+        P.append("| --- | --- | --- | --- |")
+        for p in prof[:12]:
+            P.append(f"| {p['op']} | {p['calls']} | {p['ms']:.2f} | {100 * p['ms'] / tot:.1f}% |")
+    with open(os.path.join(out, "profile.md"), "w") as f:
+        f.write("\n".join(P) + "\n")
+    print("\n".join(L))
+
+
+if __name__ == "__main__":
+    main()
