@@ -62,6 +62,10 @@ pub struct CalibrateArgs {
     /// precision, see calibration/README.md).
     #[arg(long)]
     pub quantize_adaln: bool,
+    /// Also run T5's linear layers in FP8 (text encoders otherwise stay in high
+    /// precision); the cache then carries their formats and scales too.
+    #[arg(long)]
+    pub quantize_t5: bool,
     /// One weight scale per tensor instead of per output channel.
     #[arg(long)]
     pub per_tensor_weights: bool,
@@ -140,6 +144,7 @@ pub fn run(a: CalibrateArgs) -> Result<()> {
         exclude: a.exclude.clone(),
         default_exclusions: !a.no_default_exclusions,
         quantize_adaln: a.quantize_adaln || sd_calibrate::QUANTIZE_ADALN_DEFAULT,
+        quantize_t5: a.quantize_t5,
         weight_granularity: if a.per_tensor_weights {
             WeightGranularity::PerTensor
         } else {

@@ -64,6 +64,9 @@ pub struct Settings {
     pub max_sequence_length: usize,
     pub weight_granularity: WeightGranularity,
     pub quantize_adaln: bool,
+    /// T5's linear layers were calibrated too (absent in older caches: false).
+    #[serde(default)]
+    pub quantize_t5: bool,
     /// E5M2 is chosen only when its error is lower than E4M3's by this many dB.
     pub e5m2_margin_db: f64,
     /// `mse` keeps the largest threshold within this many dB of the least error.

@@ -26,6 +26,7 @@ use sd_checkpoint::{Checkpoint, CheckpointError, component};
 use sd_cpu::{ComputePrecision, CpuBackend};
 use sd_fp8::Fp8Format;
 use sd_model::mmdit::Mmdit;
+use sd_model::t5::T5Encoder;
 use sd_model::{PrecisionPlan, WeightSource};
 use sd_pipeline::{GenerateRequest, PipelineError, Sd3Pipeline};
 use serde::{Deserialize, Serialize};
@@ -163,6 +164,12 @@ pub fn role(name: &str) -> &'static str {
         "mlp_up"
     } else if leaf_is(".net.2") {
         "mlp_down"
+    } else if name.starts_with("encoder.block.") {
+        if name.contains(".SelfAttention.") {
+            "t5_attn"
+        } else {
+            "t5_mlp"
+        }
     } else {
         "other"
     }
@@ -191,6 +198,9 @@ pub struct CalibrationConfig {
     /// Use [`DEFAULT_EXCLUDE`].
     pub default_exclusions: bool,
     pub quantize_adaln: bool,
+    /// Also calibrate T5's linear layers for FP8 (text encoders otherwise stay at the
+    /// engine's high precision).
+    pub quantize_t5: bool,
     pub weight_granularity: WeightGranularity,
     pub observe_attention: bool,
     pub e5m2_margin_db: f64,
@@ -215,6 +225,7 @@ impl CalibrationConfig {
             exclude: Vec::new(),
             default_exclusions: true,
             quantize_adaln: QUANTIZE_ADALN_DEFAULT,
+            quantize_t5: false,
             weight_granularity: WeightGranularity::PerChannel,
             observe_attention: false,
             e5m2_margin_db: E5M2_MARGIN_DB,
@@ -305,7 +316,18 @@ pub fn calibrate_checkpoint(
     });
     let fp = ModelFingerprint::compute(ckpt)?;
     let tcfg = ckpt.transformer.clone();
-    let names = Mmdit::<CpuBackend>::linear_layer_names(&tcfg);
+    let mut names = Mmdit::<CpuBackend>::linear_layer_names(&tcfg);
+    let t5_names = match (&ckpt.t5, cfg.quantize_t5) {
+        (Some(t5), true) => T5Encoder::<CpuBackend>::linear_layer_names(t5),
+        (None, true) => {
+            return Err(CalibrateError::Input(format!(
+                "--quantize-t5: {} has no T5 text encoder",
+                ckpt.root.display()
+            )));
+        }
+        (_, false) => Vec::new(),
+    };
+    names.extend(t5_names.iter().cloned());
     let recorder = Recorder::new(names.iter().cloned(), cfg.observe_attention);
     let backend = Observer::new(CpuBackend::new(ComputePrecision::F32), recorder.clone());
     let pipeline = Sd3Pipeline::load(ckpt, backend, &PrecisionPlan::full_precision())?;
@@ -331,6 +353,8 @@ pub fn calibrate_checkpoint(
             max_sequence_length: cfg.max_sequence_length,
             ..Default::default()
         };
+        // Prompt encoding (T5) happens in `start`: its statistics go to step 0.
+        recorder.set_step(0);
         let mut d = pipeline.start(req)?;
         for s in 0..cfg.steps {
             recorder.set_step(s);
@@ -348,6 +372,11 @@ pub fn calibrate_checkpoint(
 
     // Per-layer decisions, in parallel (each is independent and deterministic).
     let weights = ckpt.weights(component::TRANSFORMER)?;
+    let t5_weights = if t5_names.is_empty() {
+        None
+    } else {
+        Some(ckpt.weights(component::T5)?)
+    };
     let excl = cfg.exclusions();
     let formats = cfg.target.activation_formats();
     use rayon::prelude::*;
@@ -360,7 +389,11 @@ pub fn calibrate_checkpoint(
                 ))
             })?;
             let activation = tensor_record(name, st, cfg, &formats)?;
-            let w = weights.get(&format!("{name}.weight"))?;
+            let source = match &t5_weights {
+                Some(t5) if t5_names.contains(name) => t5,
+                _ => &weights,
+            };
+            let w = source.get(&format!("{name}.weight"))?;
             let out = w.shape[0];
             let data = w.to_f32();
             let inp = data.len() / out.max(1);
@@ -444,6 +477,7 @@ pub fn calibrate_checkpoint(
             max_sequence_length: cfg.max_sequence_length,
             weight_granularity: cfg.weight_granularity,
             quantize_adaln: cfg.quantize_adaln,
+            quantize_t5: cfg.quantize_t5,
             e5m2_margin_db: cfg.e5m2_margin_db,
             mse_tolerance_db: cfg.mse_tolerance_db,
             exclude: excl,

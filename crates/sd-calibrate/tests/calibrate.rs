@@ -311,3 +311,56 @@ fn copy_dir(from: &Path, to: &Path) {
         }
     }
 }
+
+/// `--quantize-t5`: T5's linear layers are observed, get records and FP8 plan entries
+/// (weights from the T5 payload), and the plan changes the T5 output; a model without
+/// T5 refuses the option.
+#[test]
+fn t5_can_be_calibrated_for_fp8() {
+    let mut cfg = quick("tiny-sd35m", Target::Cuda);
+    cfg.quantize_t5 = true;
+    let cache = calibrate(&cfg, &mut |_| {}).unwrap();
+    let t5: Vec<_> = cache
+        .layers
+        .iter()
+        .filter(|l| l.name.starts_with("encoder.block."))
+        .collect();
+    let ckpt = Checkpoint::open(model("tiny-sd35m")).unwrap();
+    let names = sd_model::t5::T5Encoder::<sd_cpu::CpuBackend>::linear_layer_names(
+        ckpt.t5.as_ref().unwrap(),
+    );
+    assert_eq!(t5.len(), names.len());
+    assert!(
+        t5.iter()
+            .all(|l| l.quantized && l.role.starts_with("t5_") && l.activation.amax > 0.0)
+    );
+    assert!(cache.settings.quantize_t5);
+    let plan = cache.plan();
+    assert!(names.iter().all(|n| plan.get(n).is_fp8()));
+
+    // The T5 hidden states move under the plan (they would not if T5 ignored it).
+    use sd_model::Backend;
+    let b = sd_cpu::CpuBackend::default();
+    let encode = |plan: &sd_model::PrecisionPlan| {
+        let p = sd_pipeline::Sd3Pipeline::load(&ckpt, b.clone(), plan).unwrap();
+        let mut w = Vec::new();
+        let c = p
+            .encode_prompt("a red circle", "a red circle", "a red circle", 16, &mut w)
+            .unwrap();
+        p.backend.download(&c.context).unwrap().data
+    };
+    assert_ne!(
+        encode(&plan),
+        encode(&sd_model::PrecisionPlan::full_precision())
+    );
+    // The transformer-only cache leaves the context untouched.
+    assert_eq!(
+        encode(&cuda_cache().plan()),
+        encode(&sd_model::PrecisionPlan::full_precision())
+    );
+
+    let mut no_t5 = quick("tiny-sd35l-no-t5", Target::Cuda);
+    no_t5.quantize_t5 = true;
+    let err = calibrate(&no_t5, &mut |_| {}).unwrap_err().to_string();
+    assert!(err.contains("no T5"), "{err}");
+}

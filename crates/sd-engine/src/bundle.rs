@@ -281,9 +281,14 @@ impl Bundle {
     /// The transformer's precision plan, with scales read exactly from the payload.
     pub fn plan(&self) -> Result<PrecisionPlan> {
         let mut plan = PrecisionPlan::full_precision();
-        let w = self.weights(component::TRANSFORMER)?;
-        for (_, e) in w.fp8 {
-            plan.layers.insert(e.layer, e.quant);
+        let mut comps = vec![component::TRANSFORMER];
+        if self.manifest.configs.contains_key(component::T5) {
+            comps.push(component::T5);
+        }
+        for comp in comps {
+            for (_, e) in self.weights(comp)?.fp8 {
+                plan.layers.insert(e.layer, e.quant);
+            }
         }
         Ok(plan)
     }

@@ -160,16 +160,28 @@ fn fsync_dir(dir: &Path) -> Result<()> {
     })
 }
 
+/// The components whose linear layers a precision plan may name.
+fn planned_components(ckpt: &Checkpoint) -> Vec<&'static str> {
+    let mut v = vec![component::TRANSFORMER];
+    if ckpt.t5.is_some() {
+        v.push(component::T5);
+    }
+    v
+}
+
 fn check_plan(ckpt: &Checkpoint, plan: &PrecisionPlan) -> Result<()> {
-    let w = ckpt.weights(component::TRANSFORMER)?;
+    let sources = planned_components(ckpt)
+        .into_iter()
+        .map(|c| ckpt.weights(c))
+        .collect::<std::result::Result<Vec<_>, _>>()?;
     for (name, q) in &plan.layers {
         let LinearQuant::Fp8 { weight, input } = q else {
             continue;
         };
         let wname = format!("{name}.weight");
-        let Some(shape) = w.shape(&wname) else {
+        let Some(shape) = sources.iter().find_map(|w| w.shape(&wname)) else {
             return Err(EngineError::PlanMismatch(format!(
-                "the precision plan names layer `{name}`, which the transformer of {} does not have; the calibration cache is for another model — recalibrate with `sd-build calibrate --model {}`",
+                "the precision plan names layer `{name}`, which neither the transformer nor T5 of {} has; the calibration cache is for another model — recalibrate with `sd-build calibrate --model {}`",
                 ckpt.root.display(),
                 ckpt.root.display()
             )));
@@ -280,7 +292,7 @@ pub fn compile_with(
             )));
         }
         let src = ckpt.weights(comp)?;
-        let comp_plan = if comp == component::TRANSFORMER {
+        let comp_plan = if planned_components(ckpt).contains(&comp) {
             &plan
         } else {
             &none

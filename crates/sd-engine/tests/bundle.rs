@@ -490,3 +490,66 @@ fn staging_left_by_a_killed_compile_is_cleaned_up() {
         assert!(!stale.exists());
     }
 }
+
+/// With T5 calibrated for FP8 (`sd-build calibrate --quantize-t5`) the plan names T5's
+/// layers too: the bundle stores them as FP8 codes in the T5 payload, its plan gives
+/// them back, and the bundle still reproduces the checkpoint pipeline bit for bit.
+#[test]
+fn t5_fp8_layers_round_trip_through_the_bundle() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ckpt = Checkpoint::open(model("tiny-sd3")).unwrap();
+    let mut plan = test_plan(&ckpt);
+    let t5 = ckpt.weights("text_encoder_3").unwrap();
+    let t5_names =
+        sd_model::t5::T5Encoder::<CpuBackend>::linear_layer_names(ckpt.t5.as_ref().unwrap());
+    for layer in &t5_names {
+        let t = t5.get(&format!("{layer}.weight")).unwrap();
+        let inp = t.shape[1];
+        let scales = t
+            .to_f32()
+            .chunks(inp)
+            .map(|r| r.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6) / 448.0)
+            .collect();
+        plan.layers.insert(
+            layer.clone(),
+            LinearQuant::Fp8 {
+                weight: WeightQuant {
+                    format: Fp8Format::E4M3,
+                    scales,
+                },
+                input: ActivationQuant {
+                    format: Fp8Format::E4M3,
+                    scale: 0.01,
+                },
+            },
+        );
+    }
+    let out = tmp.path().join("engine-t5");
+    compile_to("tiny-sd3", &fp8_options(plan.clone(), Compute::Bf16), &out);
+    let bundle = Bundle::open(&out).unwrap();
+    assert_eq!(
+        bundle.plan().unwrap(),
+        plan,
+        "T5 layers round-trip in the plan"
+    );
+    assert!(
+        bundle
+            .manifest
+            .component("text_encoder_3")
+            .unwrap()
+            .fp8_bytes
+            > 0
+    );
+    let from_bundle = run(&load_cpu_pipeline(&out).unwrap());
+    let reference =
+        run(&Sd3Pipeline::load(&ckpt, CpuBackend::new(ComputePrecision::Bf16), &plan).unwrap());
+    assert_identical(&from_bundle, &reference);
+    // T5 in FP8 changes the result compared with the transformer-only plan.
+    let transformer_only = run(&Sd3Pipeline::load(
+        &ckpt,
+        CpuBackend::new(ComputePrecision::Bf16),
+        &test_plan(&ckpt),
+    )
+    .unwrap());
+    assert!(transformer_only.latents.data != from_bundle.latents.data);
+}

@@ -34,6 +34,27 @@ pub struct T5Encoder<B: Backend> {
 }
 
 impl<B: Backend> T5Encoder<B> {
+    /// Names of every linear layer in execution order (the keys a precision plan uses
+    /// when T5 runs in FP8).
+    pub fn linear_layer_names(cfg: &T5Config) -> Vec<String> {
+        let gated = cfg.feed_forward().map(|(g, _)| g).unwrap_or(true);
+        let mut v = Vec::new();
+        for i in 0..cfg.num_layers {
+            let p = format!("encoder.block.{i}.layer");
+            for n in ["q", "k", "v", "o"] {
+                v.push(format!("{p}.0.SelfAttention.{n}"));
+            }
+            if gated {
+                v.push(format!("{p}.1.DenseReluDense.wi_0"));
+                v.push(format!("{p}.1.DenseReluDense.wi_1"));
+            } else {
+                v.push(format!("{p}.1.DenseReluDense.wi"));
+            }
+            v.push(format!("{p}.1.DenseReluDense.wo"));
+        }
+        v
+    }
+
     pub fn load(
         backend: &B,
         config: T5Config,

@@ -246,13 +246,16 @@ pub fn trace_clip(
 
 /// The T5 encoder: `input_ids [batch, L]` (int64) -> `last_hidden_state [batch, L, d_model]`.
 /// L is fixed: the relative-position bias is a constant `[heads, L, L]` built for it.
+/// T5's graph; `plan` gives its FP8 layers when T5 was calibrated for FP8 (Q/DQ as in
+/// the transformer), otherwise it names none of T5's layers.
 pub fn trace_t5(
     cfg: &T5Config,
     src: &dyn WeightSource,
+    plan: &PrecisionPlan,
     opts: &ExportOptions,
 ) -> Result<ExportedModel> {
     let t = OnnxTracer::new(opts.trace())?;
-    let model = T5Encoder::load(&t, cfg.clone(), src, &PrecisionPlan::default())?;
+    let model = T5Encoder::load(&t, cfg.clone(), src, plan)?;
     let b = TRACE_BATCH;
     let (inp, ids) = input(&t, "input_ids", ElemType::I64, &[b, opts.t5_len], &[]);
     let out = model.forward_ids(&t, &ids)?;
@@ -329,7 +332,7 @@ pub fn trace_checkpoint(
         opts,
     )?);
     if let Some(t5) = &ckpt.t5 {
-        models.push(trace_t5(t5, &ckpt.weights(component::T5)?, opts)?);
+        models.push(trace_t5(t5, &ckpt.weights(component::T5)?, plan, opts)?);
     }
     models.push(trace_vae(
         &ckpt.vae,

@@ -430,7 +430,7 @@ fn text_jobs(dir: &Path, ckpt: &Checkpoint, tag: &str, o: &ExportOptions) -> Vec
     }
     if let Some(cfg) = &ckpt.t5 {
         let src = ckpt.weights(component::T5).unwrap();
-        let m = sd_onnx::trace_t5(cfg, &src, o).unwrap();
+        let m = sd_onnx::trace_t5(cfg, &src, &sd_model::PrecisionPlan::default(), o).unwrap();
         // The relative-position bias for the fixed length, and nothing else.
         let shapes: Vec<_> = m.host_constants.iter().map(|(_, d)| d.clone()).collect();
         assert_eq!(shapes, vec![vec![cfg.num_heads, o.t5_len, o.t5_len]]);

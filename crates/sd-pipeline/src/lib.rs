@@ -134,7 +134,8 @@ pub struct Generated {
 }
 
 impl<B: Backend> Sd3Pipeline<B> {
-    /// Loads every component of `ckpt` into `backend`; `plan` applies to the transformer.
+    /// Loads every component of `ckpt` into `backend`; `plan` applies to the transformer
+    /// and to T5 (whose layers it names only when T5 was calibrated for FP8).
     pub fn load(ckpt: &Checkpoint, backend: B, plan: &PrecisionPlan) -> Result<Self> {
         ckpt.validate()?;
         let none = PrecisionPlan::full_precision();
@@ -152,11 +153,12 @@ impl<B: Backend> Sd3Pipeline<B> {
             &none,
         )?;
         let t5 = match &ckpt.t5 {
+            // The plan names T5 layers only when T5 was calibrated for FP8.
             Some(cfg) => Some(T5Encoder::load(
                 &backend,
                 cfg.clone(),
                 &ckpt.weights(component::T5)?,
-                &none,
+                plan,
             )?),
             None => None,
         };

@@ -67,7 +67,7 @@ pub struct ComponentWeights<'a> {
 
 impl<B: Backend> Sd3Pipeline<B> {
     /// Loads a pipeline from parsed configs and weight sources; `plan` applies to the
-    /// transformer (the text encoders and the VAE run at the backend's precision), as in
+    /// transformer and T5 (CLIP and the VAE run at the backend's precision), as in
     /// [`Sd3Pipeline::load`].
     pub fn from_parts(
         configs: &ModelConfigs,
@@ -80,7 +80,7 @@ impl<B: Backend> Sd3Pipeline<B> {
         let clip_l = ClipTextModel::load(&backend, configs.clip_l.clone(), weights.clip_l, &none)?;
         let clip_g = ClipTextModel::load(&backend, configs.clip_g.clone(), weights.clip_g, &none)?;
         let t5 = match (&configs.t5, weights.t5) {
-            (Some(cfg), Some(src)) => Some(T5Encoder::load(&backend, cfg.clone(), src, &none)?),
+            (Some(cfg), Some(src)) => Some(T5Encoder::load(&backend, cfg.clone(), src, plan)?),
             (None, None) => None,
             (Some(_), None) => {
                 return Err(sd_model::ModelError::input(
