@@ -56,33 +56,57 @@ pub fn zip(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32 + Sync) -> Vec<f32>
         .collect()
 }
 
-/// `C[m, n] = A[m, k] · B` where `B` is given as `[n, k]` rows (a weight matrix) with
-/// row stride `ldb`; C is written with row stride `ldc`.
-///
-/// # Safety-relevant invariants
-/// The slices are bounds-checked here before the raw-pointer GEMM is called.
-#[allow(clippy::too_many_arguments)]
-fn gemm_nt(
-    m: usize,
-    n: usize,
-    k: usize,
-    a: &[f32],
-    lda: usize,
-    b: &[f32],
-    ldb: usize,
+/// A strided view of a matrix: element (i, j) is `data[i * row_stride + j * col_stride]`.
+#[derive(Clone, Copy)]
+struct Mat<'a> {
+    data: &'a [f32],
+    row_stride: usize,
+    col_stride: usize,
+}
+
+impl<'a> Mat<'a> {
+    /// Row-major with leading dimension `ld`.
+    fn rows(data: &'a [f32], ld: usize) -> Self {
+        Self {
+            data,
+            row_stride: ld,
+            col_stride: 1,
+        }
+    }
+    /// The transpose of a row-major matrix with leading dimension `ld` (a weight
+    /// `[n, k]` seen as `[k, n]`).
+    fn transposed(data: &'a [f32], ld: usize) -> Self {
+        Self {
+            data,
+            row_stride: 1,
+            col_stride: ld,
+        }
+    }
+    /// Panics unless every element of an `r x c` matrix lies inside `data`.
+    fn check(&self, r: usize, c: usize) {
+        let last = (r - 1) * self.row_stride + (c - 1) * self.col_stride;
+        assert!(last < self.data.len(), "matrix view out of bounds");
+    }
+}
+
+/// `C[m, n] (+)= A[m, k] · B[k, n]`, C row-major with leading dimension `ldc`.
+fn gemm(
+    (m, n, k): (usize, usize, usize),
+    a: Mat<'_>,
+    b: Mat<'_>,
     c: &mut [f32],
     ldc: usize,
     accumulate: bool,
     par: Parallelism,
 ) {
-    if m == 0 || n == 0 {
+    if m == 0 || n == 0 || k == 0 {
         return;
     }
-    assert!(a.len() >= (m - 1) * lda + k);
-    assert!(b.len() >= (n - 1) * ldb + k);
-    assert!(c.len() >= (m - 1) * ldc + n);
-    // SAFETY: the asserts above bound every element the GEMM reads or writes:
-    // A(i, l) = a[i*lda + l], B(l, j) = b[j*ldb + l], C(i, j) = c[i*ldc + j].
+    a.check(m, k);
+    b.check(k, n);
+    Mat::rows(c, ldc).check(m, n);
+    // SAFETY: the checks above bound every element the GEMM reads (A, B) or writes (C)
+    // within the slices, using exactly the strides passed here.
     unsafe {
         gemm::gemm(
             m,
@@ -92,59 +116,12 @@ fn gemm_nt(
             1,
             ldc as isize,
             accumulate,
-            a.as_ptr(),
-            1,
-            lda as isize,
-            b.as_ptr(),
-            ldb as isize,
-            1,
-            1.0f32,
-            1.0f32,
-            false,
-            false,
-            false,
-            par,
-        );
-    }
-}
-
-/// `C[m, n] = A[m, k] · B[k, n]` (both row-major).
-#[allow(clippy::too_many_arguments)]
-fn gemm_nn(
-    m: usize,
-    n: usize,
-    k: usize,
-    a: &[f32],
-    lda: usize,
-    b: &[f32],
-    ldb: usize,
-    c: &mut [f32],
-    ldc: usize,
-    par: Parallelism,
-) {
-    if m == 0 || n == 0 {
-        return;
-    }
-    assert!(a.len() >= (m - 1) * lda + k);
-    assert!(b.len() >= (k - 1) * ldb + n);
-    assert!(c.len() >= (m - 1) * ldc + n);
-    // SAFETY: bounds as asserted: A(i, l) = a[i*lda + l], B(l, j) = b[l*ldb + j],
-    // C(i, j) = c[i*ldc + j].
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            c.as_mut_ptr(),
-            1,
-            ldc as isize,
-            false,
-            a.as_ptr(),
-            1,
-            lda as isize,
-            b.as_ptr(),
-            1,
-            ldb as isize,
+            a.data.as_ptr(),
+            a.col_stride as isize,
+            a.row_stride as isize,
+            b.data.as_ptr(),
+            b.col_stride as isize,
+            b.row_stride as isize,
             1.0f32,
             1.0f32,
             false,
@@ -177,10 +154,14 @@ pub fn linear(
         // Vector inputs (conditioning paths): one GEMV per entry, in parallel.
         out.par_chunks_mut(n)
             .zip(x.par_chunks(k))
-            .for_each(|(o, xi)| gemm_nt(1, n, k, xi, k, w, k, o, n, accumulate, Parallelism::None));
+            .for_each(|(o, xi)| {
+                let (a, b) = (Mat::rows(xi, k), Mat::transposed(w, k));
+                gemm((1, n, k), a, b, o, n, accumulate, Parallelism::None)
+            });
     } else {
         for (o, xe) in out.chunks_mut(rows * n).zip(x.chunks(rows * k)) {
-            gemm_nt(rows, n, k, xe, k, w, k, o, n, accumulate, threads());
+            let (a, b) = (Mat::rows(xe, k), Mat::transposed(w, k));
+            gemm((rows, n, k), a, b, o, n, accumulate, threads());
         }
     }
     out
@@ -494,7 +475,8 @@ pub fn conv2d(
                 }
             });
             let mut tmp = vec![0.0f32; cout * cols];
-            gemm_nn(cout, cols, kk, w, kk, &col, cols, &mut tmp, cols, threads());
+            let (a, b) = (Mat::rows(w, kk), Mat::rows(&col, cols));
+            gemm((cout, cols, kk), a, b, &mut tmp, cols, false, threads());
             for co in 0..cout {
                 let bv = bias.map_or(0.0, |bb| bb[co]);
                 let dst = &mut ob[co * ho * wo + r0 * wo..co * ho * wo + r0 * wo + cols];
@@ -571,19 +553,8 @@ pub fn attention(
             let kh = gather_head(kb, sk, heads, d, h);
             let vh = gather_head(vb, sk, heads, d, h);
             let mut scores = vec![0.0f32; nq * sk];
-            gemm_nt(
-                nq,
-                sk,
-                d,
-                &qh,
-                d,
-                &kh,
-                d,
-                &mut scores,
-                sk,
-                false,
-                Parallelism::None,
-            );
+            let (a, b) = (Mat::rows(&qh, d), Mat::transposed(&kh, d));
+            gemm((nq, sk, d), a, b, &mut scores, sk, false, Parallelism::None);
             for (i, row) in scores.chunks_mut(sk).enumerate() {
                 let qi = q0 + i;
                 for (j, sc) in row.iter_mut().enumerate() {
@@ -607,7 +578,8 @@ pub fn attention(
                 }
             }
             let mut o = vec![0.0f32; nq * d];
-            gemm_nn(nq, d, sk, &scores, sk, &vh, d, &mut o, d, Parallelism::None);
+            let (a, b) = (Mat::rows(&scores, sk), Mat::rows(&vh, d));
+            gemm((nq, d, sk), a, b, &mut o, d, false, Parallelism::None);
             (bi, h, q0, o)
         })
         .collect();
