@@ -445,6 +445,47 @@ fn text_jobs(dir: &Path, ckpt: &Checkpoint, tag: &str, o: &ExportOptions) -> Vec
     jobs
 }
 
+/// T5 with every linear layer in FP8 (E4M3, per-channel weight scales), against the
+/// CPU backend's FP8 simulation of the same plan.
+fn t5_fp8_job(dir: &Path, ckpt: &Checkpoint, tag: &str) -> Job {
+    let b = cpu();
+    let o = opts();
+    let cfg = ckpt.t5.as_ref().expect("a model with T5");
+    let src = ckpt.weights(component::T5).unwrap();
+    let mut plan = PrecisionPlan::default();
+    for name in T5Encoder::<CpuBackend>::linear_layer_names(cfg) {
+        let w = src.get(&format!("{name}.weight")).unwrap();
+        let inp = w.shape[1];
+        let scales = w
+            .to_f32()
+            .chunks(inp)
+            .map(|r| r.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-12) / 448.0)
+            .collect();
+        plan.layers.insert(
+            name,
+            LinearQuant::Fp8 {
+                weight: WeightQuant {
+                    format: Fp8Format::E4M3,
+                    scales,
+                },
+                input: ActivationQuant {
+                    format: Fp8Format::E4M3,
+                    scale: 4.0 / 448.0,
+                },
+            },
+        );
+    }
+    let m = sd_onnx::trace_t5(cfg, &src, &plan, &o).unwrap();
+    assert!(!m.quantized.is_empty(), "the T5 graph has no FP8 layers");
+    let tokens = ids(BATCH, o.t5_len, cfg.vocab_size, None, 13);
+    let model = T5Encoder::load(&b, cfg.clone(), &src, &plan).unwrap();
+    let r = model.forward(&b, &tokens, BATCH).unwrap();
+    let mut job = Job::new(dir, &m, tag, FP8_TOL);
+    job.input_ids("input_ids", &[BATCH, o.t5_len], &tokens);
+    job.expect("last_hidden_state", &b.download(&r).unwrap());
+    job
+}
+
 fn vae_job(dir: &Path, ckpt: &Checkpoint, tag: &str, o: &ExportOptions) -> Job {
     let b = cpu();
     let src = ckpt.weights(component::VAE).unwrap();
@@ -515,6 +556,11 @@ fn fp8_exports_match_cpu_fp8_simulation() {
             &format!("{name}_transformer_fp8_trt"),
             FP8_TOL,
         ));
+    }
+    // T5 calibrated for FP8 (`calibrate --quantize-t5`): Q/DQ in t5.onnx too.
+    for name in ["tiny-sd3", "tiny-sd35m"] {
+        let ckpt = Checkpoint::open(repo().join("models").join(name)).unwrap();
+        jobs.push(t5_fp8_job(dir.path(), &ckpt, &format!("{name}_t5_fp8")));
     }
     let results = run_checks(&py, dir.path(), &jobs);
     for r in &results {
