@@ -2,7 +2,9 @@
 //! (FP32 vs FP32, BF16/FP8 vs the CPU's BF16 mode and exact FP8 simulation), FP8
 //! quantization codes against sd-fp8, and whole tiny-model generations (image PSNR).
 //!
-//! `gpu_tests [MODEL_DIR] [OUT_DIR]` (defaults: models/tiny-sd35m, $OUT or .). Writes
+//! `gpu_tests [MODEL_DIR] [OUT_DIR]` (defaults: models/tiny-sd35m, $OUT or .); with
+//! `SD_GPU_TEST_CALIBRATION=CACHE.yaml` the FP8 image check of MODEL_DIR uses that
+//! calibration cache's plan instead of a made-up one. Writes
 //! `gpu_tests.txt` (the figures) to OUT_DIR; exits 1 when a bound fails.
 
 use std::fmt::Write as _;
@@ -453,7 +455,17 @@ fn pipelines(rep: &mut Report, model: &PathBuf, fp8_ok: bool) -> R<()> {
         format!("PSNR {db:.2} dB (bound 35; cpu {cpu_s:.2}s, cuda {gpu_s:.2}s)"),
     );
     if fp8_ok {
-        let plan = tiny_plan(&ckpt)?;
+        // A real calibration cache (SD_GPU_TEST_CALIBRATION) for the model it was made
+        // for; a made-up plan otherwise.
+        let cache = match std::env::var_os("SD_GPU_TEST_CALIBRATION") {
+            Some(path) => Some(sd_calibrate::CalibrationCache::load(&path)?),
+            None => None,
+        };
+        let fingerprint = sd_checkpoint::fingerprint::ModelFingerprint::compute(&ckpt)?;
+        let plan = match cache {
+            Some(c) if c.check_model(&fingerprint).is_ok() => c.plan(),
+            _ => tiny_plan(&ckpt)?,
+        };
         let (cpu8, _) = generate(&ckpt, CpuBackend::new(ComputePrecision::Bf16), &plan)?;
         let (gpu8, gpu8_s) = generate(&ckpt, CudaBackend::new(0, CudaPrecision::Fp8)?, &plan)?;
         let db8 = psnr(&gpu8, &cpu8);
