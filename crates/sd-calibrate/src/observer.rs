@@ -6,7 +6,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use sd_model::backend::{Activation, AttentionParams, Backend, Conv2dParams, LinearSpec};
+use sd_model::backend::{
+    Activation, AttentionParams, Backend, Conv2dParams, LinearSpec, TokenPick,
+};
 use sd_model::{HostTensor, Result, WeightTensor};
 
 use crate::hist::Histogram;
@@ -314,6 +316,21 @@ impl<B: Backend> Backend for Observer<B> {
     }
     fn euler_step(&self, x: &Self::Tensor, v: &Self::Tensor, dt: f32) -> Result<Self::Tensor> {
         self.inner.euler_step(x, v, dt)
+    }
+    // Forwarded rather than left to the defaults, so an inner backend's own versions run.
+    fn embedding_ids(&self, table: &Self::Tensor, ids: &Self::Tensor) -> Result<Self::Tensor> {
+        self.inner.embedding_ids(table, ids)
+    }
+    fn select_tokens_by_ids(
+        &self,
+        x: &Self::Tensor,
+        ids: &Self::Tensor,
+        pick: TokenPick,
+    ) -> Result<Self::Tensor> {
+        self.inner.select_tokens_by_ids(x, ids, pick)
+    }
+    fn timestep_embedding(&self, t: &Self::Tensor, dim: usize) -> Result<Self::Tensor> {
+        self.inner.timestep_embedding(t, dim)
     }
 }
 

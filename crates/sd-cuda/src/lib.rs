@@ -1239,81 +1239,29 @@ impl Inner {
         // Bands of output rows keep the im2col buffer near 256 MiB.
         let band = ((64 << 20) / (kk * wo).max(1)).clamp(1, ho);
         let out_base = self.ptr(&out);
-        if self.precision != CudaPrecision::F32 {
-            // BF16 / FP8 precision: inputs and kernels hold BF16 values, so the GEMM
-            // runs on BF16 tensor cores (f32 accumulation) over a BF16 im2col.
-            let col = self.alloc::<u16>(kk * band * wo)?;
-            let wb = self.alloc::<u16>(w.numel())?;
+        // BF16 / FP8 precision: inputs and kernels hold BF16 values, so the GEMM runs on
+        // BF16 tensor cores (f32 accumulation) over a BF16 im2col; FP32 stays in f32.
+        // The buffers live to the end of the function (stream-ordered frees).
+        let (col16, w16, col32);
+        let (im2col, dtype, col_ptr, w_ptr) = if self.precision != CudaPrecision::F32 {
+            col16 = self.alloc::<u16>(kk * band * wo)?;
+            w16 = self.alloc::<u16>(w.numel())?;
             self.launch(
                 "f32_to_bf16",
                 Self::grid(w.numel()),
                 &[
                     Arg::P(self.tp(w)),
-                    Arg::P(self.ptr(&wb)),
+                    Arg::P(self.ptr(&w16)),
                     Arg::U(w.numel() as u64),
                 ],
             )?;
-            for bi in 0..bn {
-                let x_ptr = self.tp(x) + (bi * cin * h * wd * 4) as u64;
-                let mut r0 = 0;
-                while r0 < ho {
-                    let rows = band.min(ho - r0);
-                    let cols = rows * wo;
-                    self.launch(
-                        "im2col_bf16",
-                        Self::grid(kk * cols),
-                        &[
-                            Arg::P(x_ptr),
-                            Arg::P(self.ptr(&col)),
-                            Arg::I(cin as i32),
-                            Arg::I(h as i32),
-                            Arg::I(wd as i32),
-                            Arg::I(kh as i32),
-                            Arg::I(kw as i32),
-                            Arg::I(p.stride as i32),
-                            Arg::I(p.padding as i32),
-                            Arg::I(wo as i32),
-                            Arg::I(r0 as i32),
-                            Arg::I(rows as i32),
-                        ],
-                    )?;
-                    self.gemm(Gemm {
-                        transa: false,
-                        transb: false,
-                        m: cols as u64,
-                        n: cout as u64,
-                        k: kk as u64,
-                        a: self.ptr(&col),
-                        a_type: ltsys::cudaDataType::CUDA_R_16BF,
-                        lda: cols as i64,
-                        b: self.ptr(&wb),
-                        b_type: ltsys::cudaDataType::CUDA_R_16BF,
-                        ldb: kk as i64,
-                        d: out_base + ((bi * cout * ho * wo + r0 * wo) * 4) as u64,
-                        ldd: (ho * wo) as i64,
-                        b_scale: 0,
-                        alpha: 1.0,
-                    })?;
-                    r0 += rows;
-                }
-            }
-            let n = bn * cout * ho * wo;
-            self.launch(
-                "channel_bias_f32",
-                Self::grid(n),
-                &[
-                    Arg::P(out_base),
-                    Arg::P(b.map_or(0, |b| self.tp(b))),
-                    Arg::U(n as u64),
-                    Arg::U((ho * wo) as u64),
-                    Arg::U(cout as u64),
-                    Arg::I(self.r()),
-                ],
-            )?;
-            drop((col, wb));
-            return Ok(self.wrap(vec![bn, cout, ho, wo], out));
-        }
-        let col = self.alloc::<f32>(kk * band * wo)?;
+            let bf16 = ltsys::cudaDataType::CUDA_R_16BF;
+            ("im2col_bf16", bf16, self.ptr(&col16), self.ptr(&w16))
+        } else {
+            col32 = self.alloc::<f32>(kk * band * wo)?;
+            let f32t = ltsys::cudaDataType::CUDA_R_32F;
+            ("im2col_f32", f32t, self.ptr(&col32), self.tp(w))
+        };
         for bi in 0..bn {
             let x_ptr = self.tp(x) + (bi * cin * h * wd * 4) as u64;
             let mut r0 = 0;
@@ -1321,11 +1269,11 @@ impl Inner {
                 let rows = band.min(ho - r0);
                 let cols = rows * wo;
                 self.launch(
-                    "im2col_f32",
+                    im2col,
                     Self::grid(kk * cols),
                     &[
                         Arg::P(x_ptr),
-                        Arg::P(self.ptr(&col)),
+                        Arg::P(col_ptr),
                         Arg::I(cin as i32),
                         Arg::I(h as i32),
                         Arg::I(wd as i32),
@@ -1345,11 +1293,11 @@ impl Inner {
                     m: cols as u64,
                     n: cout as u64,
                     k: kk as u64,
-                    a: self.ptr(&col),
-                    a_type: ltsys::cudaDataType::CUDA_R_32F,
+                    a: col_ptr,
+                    a_type: dtype,
                     lda: cols as i64,
-                    b: self.tp(w),
-                    b_type: ltsys::cudaDataType::CUDA_R_32F,
+                    b: w_ptr,
+                    b_type: dtype,
                     ldb: kk as i64,
                     d: out_base + ((bi * cout * ho * wo + r0 * wo) * 4) as u64,
                     ldd: (ho * wo) as i64,
@@ -1372,7 +1320,6 @@ impl Inner {
                 Arg::I(self.r()),
             ],
         )?;
-        drop(col);
         Ok(self.wrap(vec![bn, cout, ho, wo], out))
     }
 
