@@ -1,11 +1,15 @@
 #!/usr/bin/env python3
-"""Merges one device run's figures into results.json, table.md and profile.md.
+"""Merges the figures of device calls into results.json, table.md and profile.md.
 
-    make_table.py WORK_DIR OUT_DIR
+    make_table.py WORK_DIR [WORK_DIR ...] OUT_DIR
 
-WORK_DIR holds what scripts/bench/run_bench.sh --device wrote: bench-medium.json and
-bench-large.json (sd-cuda), peer-medium.jsonl and peer-large.jsonl (diffusers,
-../shared/peer/sd35_peer.py), nvidia-smi.csv and date.txt. Standard library only.
+Each WORK_DIR holds what one `scripts/bench/run_bench.sh --device` call wrote:
+bench-medium.json, bench-large.json, bench-pipeline.json (sd-cuda),
+bench-before-medium.json, bench-before-large.json (the engine before a change, same
+call), peer-medium.jsonl, peer-large.jsonl (diffusers, ../shared/peer/sd35_peer.py),
+peer-e2e.jsonl (sd35_e2e.py), peer-text.jsonl (peer_text.py), nvidia-smi.csv and
+date.txt. A model's figures and their ratios always come from one call (the one whose
+directory has its bench and peer files). Standard library only.
 """
 import json
 import os
@@ -77,25 +81,34 @@ def fmt(v, nd=1):
 
 
 def main():
-    work, out = sys.argv[1], sys.argv[2]
-    gpu = read(os.path.join(work, "nvidia-smi.csv"), "unknown GPU")
-    date = read(os.path.join(work, "date.txt"), "unknown date")
-    ours = []
+    works, out = sys.argv[1:-1], sys.argv[-1]
+    gpus = list(dict.fromkeys(read(os.path.join(w, "nvidia-smi.csv"), "unknown GPU") for w in works))
+    dates = list(dict.fromkeys(read(os.path.join(w, "date.txt"), "unknown date") for w in works))
+    gpu, date = " / ".join(gpus), ", ".join(dates)
+    ours, before, pipeline = [], [], []
     attention, vae, fp8_vs_bf16, errors = [], [], [], []
-    for m in ("medium", "large"):
-        d = load_json(os.path.join(work, f"bench-{m}.json"))
-        if not d:
-            continue
-        ours += d.get("transformer", [])
-        attention += d.get("attention", [])
-        vae += d.get("vae", [])
-        fp8_vs_bf16 += d.get("fp8_vs_bf16", [])
-        errors += d.get("errors", [])
+    for work in works:
+        for m in ("medium", "large", "pipeline"):
+            d = load_json(os.path.join(work, f"bench-{m}.json"))
+            if not d:
+                continue
+            ours += d.get("transformer", [])
+            attention += d.get("attention", [])
+            vae += d.get("vae", [])
+            pipeline += d.get("pipeline", [])
+            fp8_vs_bf16 += d.get("fp8_vs_bf16", [])
+            errors += d.get("errors", [])
+        for m in ("medium", "large"):
+            d = load_json(os.path.join(work, f"bench-before-{m}.json"))
+            if d:
+                before += d.get("transformer", [])
     peer = []
-    for m in ("medium", "large"):
-        peer += load_jsonl(os.path.join(work, f"peer-{m}.jsonl"))
+    for work in works:
+        for m in ("medium", "large", "e2e", "text"):
+            peer += load_jsonl(os.path.join(work, f"peer-{m}.jsonl"))
     results = {
-        "device": gpu, "date": date, "sd_cuda": ours, "attention": attention, "vae": vae,
+        "device": gpu, "date": date, "sd_cuda": ours, "sd_cuda_before": before,
+        "pipeline": pipeline, "attention": attention, "vae": vae,
         "fp8_vs_bf16": fp8_vs_bf16, "errors": errors, "peer": peer,
     }
     with open(os.path.join(out, "results.json"), "w") as f:
@@ -110,9 +123,11 @@ def main():
     L = []
     L.append("# SD3.5 transformer step: sd-cuda vs diffusers, one device run\n")
     L.append(f"Device: **{gpu}**; date {date}. 1024x1024, batch 2 (classifier-free guidance), "
-             "333 text tokens, random weights (real architectures). sd-cuda: median of "
-             "stream-synchronised wall time per step after warm-up; diffusers: median of CUDA "
-             "events (../shared/peer/sd35_peer.py) in the same device call. Peak memory: "
+             "333 text tokens, random weights (real architectures). sd-cuda: median of CUDA "
+             "events around a step after warm-up (crates/sd-cuda/examples/bench.rs); diffusers: "
+             "median of CUDA events (../shared/peer/sd35_peer.py) in the same device call. "
+             "\"before\" rows: the engine before this change (its own harness: "
+             "stream-synchronised wall time), same call. Peak memory: "
              "sd-cuda's pool high-water mark, diffusers' `max_memory_allocated` "
              "(both include the weights).\n")
     for model in ("sd3.5-medium", "sd3.5-large"):
@@ -141,33 +156,60 @@ def main():
             L.append(f"| sd-cuda {r['precision'].upper()} | {ms:.1f} | "
                      f"{(e_ms / ms if e_ms else 0):.2f}x | {(c_ms / ms if c_ms else 0):.2f}x | "
                      f"{FLOP[model] / ms / 1e9:.0f} | {r['peak_gib']:.2f} | {r['param_gib']:.2f} |")
+            if r.get("step_wall_ms_median"):
+                L[-1] = L[-1].replace(f"| {ms:.1f} |", f"| {ms:.1f} (wall {r['step_wall_ms_median']:.1f}) |", 1)
             if "exact_attention_step_ms" in r:
                 ex = r["exact_attention_step_ms"]
                 L.append(f"| sd-cuda {r['precision'].upper()}, exact attention kernel (before this issue's work) | "
                          f"{ex:.0f} | {(e_ms / ex if e_ms else 0):.2f}x | {(c_ms / ex if c_ms else 0):.2f}x | "
                          f"{FLOP[model] / ex / 1e9:.0f} | | |")
+        for r in sorted((r for r in before if r.get("model") == model),
+                        key=lambda r: r["precision"], reverse=True):
+            ms = r["step_ms_median"]
+            L.append(f"| sd-cuda {r['precision'].upper()} before this change | {ms:.1f} | "
+                     f"{(e_ms / ms if e_ms else 0):.2f}x | {(c_ms / ms if c_ms else 0):.2f}x | "
+                     f"{FLOP[model] / ms / 1e9:.0f} | {r['peak_gib']:.2f} | {r['param_gib']:.2f} |")
         by = {r["precision"]: r for r in rows}
         if "fp8" in by and "bf16" in by:
             L.append(f"\nTransformer weight bytes FP8 / BF16: {by['fp8']['param_bytes'] / by['bf16']['param_bytes']:.3f} "
                      f"({by['fp8']['param_gib']:.2f} / {by['bf16']['param_gib']:.2f} GiB; "
-                     f"{by['fp8']['fp8_layers']} FP8 layers; non-linear parameters are stored as f32).")
+                     f"{by['fp8']['fp8_layers']} FP8 layers; the adaLN modulation layers stay BF16).")
         # TensorRT-demo-style per-stage table (what this harness measures).
         fp8 = by.get("fp8")
         if fp8:
             vms = vae[0]["ms_median"] if vae else None
             pv = next((p for p in peer if p.get("peer") == "diffusers-vae-decode-bf16"), None)
-            L.append(f"\nPer stage, one 1024x1024 image, {STEPS} steps with CFG (TensorRT demo style; "
-                     "text encoders not yet measured):\n")
+            pipe = next(iter(pipeline), None)
+            ptext = next((p for p in peer if p.get("peer") == "diffusers-text-encoders-bf16"), None)
+            pe2e = next((p for p in peer if p.get("peer") == "diffusers-eager-bf16-pipeline"), None)
+            L.append(f"\nPer stage, one 1024x1024 image, {STEPS} steps with CFG 5.0 (TensorRT demo style). "
+                     "Text encoders: one prompt per call (CUDA events), x2 per image (prompt and "
+                     "negative prompt); the same encoders serve both models. Transformer: step "
+                     f"median x {STEPS}. Full image: measured wall time of the whole pipeline "
+                     "(SD3.5-medium only; diffusers: `sd35_e2e.py`, eager).\n")
             L.append("| stage | sd-cuda FP8 ms | diffusers eager ms | diffusers compile ms |")
             L.append("| --- | --- | --- | --- |")
-            L.append("| CLIP-L + CLIP-G | not measured | not measured | — |")
-            L.append("| T5-XXL | not measured | not measured | — |")
+
+            def two(v):
+                return None if v is None else 2 * v
+            cl = two(pipe and pipe["clip_l_ms"] + pipe["clip_g_ms"])
+            pcl = two(ptext and ptext["clip_l_ms"] + ptext["clip_g_ms"])
+            t5 = two(pipe and pipe["t5_ms"])
+            pt5 = two(ptext and ptext["t5_ms"])
+            L.append(f"| CLIP-L + CLIP-G (x2) | {fmt(cl, 1)} (BF16) | {fmt(pcl, 1)} | — |")
+            L.append(f"| T5-XXL (x2) | {fmt(t5, 1)} (BF16) | {fmt(pt5, 1)} | — |")
             t_ours = fp8["step_ms_median"] * STEPS
             L.append(f"| transformer x {STEPS} | {t_ours:.0f} | {fmt(e_ms and e_ms * STEPS, 0)} | {fmt(c_ms and c_ms * STEPS, 0)} |")
             L.append(f"| VAE decode | {fmt(vms, 1)} (BF16) | {fmt(pv and pv['ms'], 1)} | — |")
-            if vms and pv and e_ms:
-                L.append(f"| transformer + VAE | {t_ours + vms:.0f} | {e_ms * STEPS + pv['ms']:.0f} | "
-                         f"{(c_ms * STEPS + pv['ms']) if c_ms else 0:.0f} |")
+            if vms and cl is not None and t5 is not None:
+                tot = cl + t5 + t_ours + vms
+                ptot = (pcl + pt5 + e_ms * STEPS + pv["ms"]) if (pcl is not None and e_ms and pv) else None
+                ctot = (pcl + pt5 + c_ms * STEPS + pv["ms"]) if (pcl is not None and c_ms and pv) else None
+                L.append(f"| sum of stages | {tot:.0f} | {fmt(ptot, 0)} | {fmt(ctot, 0)} |")
+            if model == "sd3.5-medium" and (pipe or pe2e):
+                L.append(f"| full image, measured | {fmt(pipe and pipe['e2e_ms_median'], 0)} "
+                         f"(peak {fmt(pipe and pipe['peak_gib'], 2)} GiB) | "
+                         f"{fmt(pe2e and pe2e['median_s'] * 1000.0, 0)} (peak {fmt(pe2e and pe2e.get('peak_gib'), 2)} GiB) | — |")
     if attention:
         a = attention[0]
         L.append("\n## Joint attention kernel (SD3.5-medium shape)\n")

@@ -6,24 +6,38 @@
 #                                           # strip them into .carry/, check .whl/ and .peer/
 #   scripts/bench/run_bench.sh --device     # on the accelerator (carry .carry .whl .peer)
 #
+# The binaries are taken from $SD_BIN (default .carry), the repository root is $SD_ROOT
+# (default: two levels above this script) and the helper scripts are this script's
+# neighbours, so a copy of scripts/bench/ carried elsewhere runs the same way.
+#
 # Device-side knobs (environment):
 #   STAGES   which stages, in order (default "medium peer-medium large peer-large tests")
 #            medium / large:       sd-cuda bench of that model (FP8 + BF16; medium also
 #                                  runs the attention microbenchmark and the VAE decode)
+#            before-medium / before-large: the same with $SD_BIN/bench-before (a build of
+#                                  the engine before a change), for before/after figures
+#                                  from one call
+#            pipeline:             sd-cuda whole SD3.5-medium pipeline: text encoders and
+#                                  a full 28-step image
 #            peer-medium / peer-large: ../shared/peer/sd35_peer.py for that model
+#            peer-e2e:             ../shared/peer/sd35_e2e.py (diffusers' whole pipeline)
+#            peer-text:            peer_text.py (diffusers' text encoders per stage)
 #            tests:                the per-op GPU tests + tiny-model images (gpu_tests)
+#            tests-flash:          the attention tests with the other flash tilings
 #   PEER_COMPILE_MEDIUM=1 / PEER_COMPILE_LARGE=1   add torch.compile to that peer run
 #   BENCH_ITERS (12)
-# Results in $OUT: bench-medium.json, bench-large.json (raw sd-cuda figures), run.log,
-# gpu_tests.txt, and from scripts/bench/make_table.py: results.json (everything merged,
-# peer figures included), table.md, profile.md.
+# Results in $OUT: the raw figures of every stage that ran (bench-*.json, peer-*.jsonl,
+# nvidia-smi.csv, date.txt: what make_table.py merges, also across calls), run.log,
+# gpu_tests.txt, and from make_table.py: results.json, table.md, profile.md.
 set -uo pipefail
-cd "$(dirname "$0")/../.."
+HERE=$(cd "$(dirname "$0")" && pwd)
+cd "${SD_ROOT:-$HERE/../..}"
+BIN=${SD_BIN:-.carry}
 
 if [[ "${1:-}" == "--device" ]]; then
     OUT=${OUT:-/tmp/sd-bench-out}
-    W=/tmp/sd-bench-work   # intermediate files ($OUT takes at most 8 files back)
-    mkdir -p "$OUT" "$W"
+    W=$OUT   # every raw file comes back, so calls can be merged afterwards
+    mkdir -p "$OUT"
     exec > >(tee -a "$OUT/run.log") 2>&1
     SP=$(python3 -c 'import site;print(site.getsitepackages()[0])')
     export LD_LIBRARY_PATH=$(find "$SP/nvidia" -name lib -type d | tr '\n' ':')${LD_LIBRARY_PATH:-}
@@ -42,36 +56,50 @@ if [[ "${1:-}" == "--device" ]]; then
     # device tool's 600 s), so the table is always written.
     START=$(date +%s); BUDGET=${BUDGET:-560}
     left() { echo $(( BUDGET - ($(date +%s) - START) )); }
-    for stage in ${STAGES:-medium peer-medium large peer-large tests}; do
+    for stage in ${STAGES:-tests medium before-medium pipeline peer-medium peer-e2e peer-text large before-large peer-large tests-flash}; do
         echo "=== stage $stage ($(date -u +%H:%M:%S))"
         t0=$(date +%s)
         T=$(left)
         if (( T < 30 )); then echo "=== skipped $stage: budget spent"; continue; fi
         TO="timeout $T"
         case $stage in
-            medium) $TO ./.carry/bench "$W/medium" --models sd3.5-medium --iters "$ITERS" ${BENCH_ARGS:-};
-                    echo "bench exit $?"; cp "$W/medium/bench.json" "$OUT/bench-medium.json" ;;
-            large) $TO ./.carry/bench "$W/large" --models sd3.5-large --iters "$ITERS" \
-                        --no-vae --no-attention --no-exact ${BENCH_ARGS:-};
-                   echo "bench exit $?"; cp "$W/large/bench.json" "$OUT/bench-large.json" ;;
+            medium) $TO "$BIN/bench" /tmp/b-medium --models sd3.5-medium --iters "$ITERS" \
+                        --no-pipeline ${BENCH_ARGS:-};
+                    echo "bench exit $?"; cp /tmp/b-medium/bench.json "$W/bench-medium.json" ;;
+            large) $TO "$BIN/bench" /tmp/b-large --models sd3.5-large --iters "$ITERS" \
+                        --no-vae --no-attention --no-exact --no-pipeline ${BENCH_ARGS:-};
+                   echo "bench exit $?"; cp /tmp/b-large/bench.json "$W/bench-large.json" ;;
+            before-medium|before-large)
+                   m=${stage#before-}
+                   if [[ -x "$BIN/bench-before" ]]; then
+                       $TO "$BIN/bench-before" /tmp/b-$stage --models sd3.5-$m --iters "$ITERS" \
+                           --no-vae --no-attention --no-exact;
+                       echo "bench-before exit $?"; cp /tmp/b-$stage/bench.json "$W/bench-$stage.json"
+                   else echo "no $BIN/bench-before"; fi ;;
+            pipeline) $TO "$BIN/bench" /tmp/b-pipe --models "" --iters "$ITERS" --no-vae \
+                        --no-attention --tokenizers models/tiny-sd35m;
+                      echo "bench exit $?"; cp /tmp/b-pipe/bench.json "$W/bench-pipeline.json" ;;
+            peer-e2e) PYTHONUNBUFFERED=1 $TO python3 .peer/sd35_e2e.py models/tiny-sd35m \
+                        | tee "$W/peer-e2e.jsonl" ;;
+            peer-text) PYTHONUNBUFFERED=1 $TO python3 "$HERE/peer_text.py" | tee "$W/peer-text.jsonl" ;;
             peer-medium) COMPILE=${PEER_COMPILE_MEDIUM:-} PYTHONUNBUFFERED=1 \
                         $TO python3 .peer/sd35_peer.py sd3.5-medium | tee "$W/peer-medium.jsonl" ;;
             peer-large) COMPILE=${PEER_COMPILE_LARGE:-} PYTHONUNBUFFERED=1 \
                         $TO python3 .peer/sd35_peer.py sd3.5-large | tee "$W/peer-large.jsonl" ;;
-            tests) mkdir -p /tmp/gt && $TO ./.carry/gpu_tests models/tiny-sd35m /tmp/gt >/tmp/gt/log.txt 2>&1;
+            tests) mkdir -p /tmp/gt && $TO "$BIN/gpu_tests" models/tiny-sd35m /tmp/gt >/tmp/gt/log.txt 2>&1;
                    echo "gpu_tests exit $?"; cp /tmp/gt/gpu_tests.txt "$OUT/gpu_tests.txt";
-                   grep -E "^(FAIL|PASS)" /tmp/gt/gpu_tests.txt | cut -c1-150;
+                   grep -E "^(FAIL|PASS)" /tmp/gt/gpu_tests.txt | cut -c1-150 ;;
+            tests-flash)
                    # The other flash-attention tilings against the CPU too (attention lines).
-                   for fv in 1 2; do
-                       SD_CUDA_FLASH_VARIANT=$fv $TO ./.carry/gpu_tests models/tiny-sd35m /tmp/gt$fv >/dev/null 2>&1;
+                   for fv in 0 2; do
+                       SD_CUDA_FLASH_VARIANT=$fv $TO "$BIN/gpu_tests" models/tiny-sd35m /tmp/gt$fv >/dev/null 2>&1;
                        grep -E "attention" /tmp/gt$fv/gpu_tests.txt | sed "s/^/flash variant $fv: /" | cut -c1-170;
                    done ;;
             *) echo "unknown stage $stage" ;;
         esac
         echo "=== stage $stage took $(( $(date +%s) - t0 )) s"
     done
-    cp "$OUT"/bench-*.json "$W/" 2>/dev/null
-    python3 scripts/bench/make_table.py "$W" "$OUT" || true
+    python3 "$HERE/make_table.py" "$W" "$OUT" || true
     exit 0
 fi
 
@@ -79,9 +107,10 @@ fi
 for d in /.carry/ /.whl/ /.peer/; do grep -qx "$d" .git/info/exclude || echo "$d" >>.git/info/exclude; done
 cargo build --release -p sd-cuda --example bench --example gpu_tests
 mkdir -p .carry
-strip -o .carry/bench target/release/examples/bench
-strip -o .carry/gpu_tests target/release/examples/gpu_tests
-[[ -f .peer/sd35_peer.py ]] || { mkdir -p .peer && cp ../shared/peer/sd35_peer.py .peer/; }
+T=${CARGO_TARGET_DIR:-target}
+strip -o .carry/bench "$T/release/examples/bench"
+strip -o .carry/gpu_tests "$T/release/examples/gpu_tests"
+for f in sd35_peer.py sd35_e2e.py; do [[ -f .peer/$f ]] || { mkdir -p .peer && cp ../shared/peer/$f .peer/; }; done
 ls .whl/diffusers-*.whl >/dev/null 2>&1 || echo "warning: no diffusers wheel in .whl/ (see ../shared/peer/README.md)" >&2
 du -shc .carry .whl .peer
 echo 'On the accelerator (device run, carry [".carry", ".whl", ".peer"]):'

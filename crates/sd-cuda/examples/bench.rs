@@ -4,11 +4,17 @@
 //!
 //! ```text
 //! bench OUT_DIR [--models sd3.5-medium,sd3.5-large] [--precisions fp8,bf16]
-//!               [--iters 12] [--warmup 3] [--no-vae] [--no-exact]
+//!               [--iters 12] [--warmup 3] [--no-vae] [--no-exact] [--no-attention]
+//!               [--no-pipeline] [--tokenizers models/tiny-sd35m]
 //! ```
 //!
-//! Timing: stream-synchronised wall time of one whole `Mmdit::forward` (host enqueue
-//! and GPU, synchronised at the end of each step), median of `--iters` after `--warmup`.
+//! Timing: CUDA events recorded on the backend's stream before and after one whole
+//! `Mmdit::forward` (what diffusers' script measures too), median of `--iters` after
+//! `--warmup`; the stream-synchronised wall time is kept next to it. The pipeline stage
+//! (`--tokenizers DIR`, default `models/tiny-sd35m`: only its tokenizers are used) loads
+//! a whole SD3.5-medium pipeline at real sizes (CLIP-L, CLIP-G, T5-XXL, transformer,
+//! VAE; random weights) and times each text encoder (events) and a full 28-step
+//! 1024x1024 image with CFG 5.0 (wall time, like diffusers' `sd35_e2e.py`).
 //! Memory: the high-water mark of the stream-ordered pool every allocation comes
 //! from (weights included), comparable to `torch.cuda.max_memory_allocated`.
 //! Writes `OUT_DIR/bench.json` (rewritten after every measurement) and prints a log.
@@ -20,13 +26,14 @@ use std::time::Instant;
 
 use sd_cuda::{CudaBackend, CudaPrecision, FlashVariant, flash_variant, set_flash_variant};
 use sd_fp8::Fp8Format;
-use sd_model::config::{TransformerConfig, VaeConfig};
+use sd_model::config::{ClipConfig, SchedulerConfig, T5Config, TransformerConfig, VaeConfig};
 use sd_model::mmdit::Mmdit;
 use sd_model::vae::VaeDecoder;
 use sd_model::{
     ActivationQuant, AttentionParams, Backend, HostTensor, LinearQuant, PrecisionPlan,
     StorageDType, WeightQuant, WeightSource, WeightTensor,
 };
+use sd_pipeline::{ComponentWeights, GenerateRequest, ModelConfigs, Sd3Pipeline, Tokenizers};
 use serde_json::{Value, json};
 
 type R<T> = std::result::Result<T, Box<dyn std::error::Error>>;
@@ -106,9 +113,17 @@ impl WeightSource for RandomWeights {
         let mut v = vec![0f32; n];
         fill_uniform(name_seed(name), center, amp, &mut v);
         let mut bytes = vec![0u8; 2 * n];
-        for (b, x) in bytes.chunks_exact_mut(2).zip(&v) {
-            b.copy_from_slice(&half::bf16::from_f32(*x).to_le_bytes());
-        }
+        // Converted on every core: T5-XXL alone is 4.8 G values.
+        let chunk = n.div_ceil(16).max(1 << 16);
+        std::thread::scope(|sc| {
+            for (dst, src) in bytes.chunks_mut(2 * chunk).zip(v.chunks(chunk)) {
+                sc.spawn(move || {
+                    for (b, x) in dst.chunks_exact_mut(2).zip(src) {
+                        b.copy_from_slice(&half::bf16::from_f32(*x).to_le_bytes());
+                    }
+                });
+            }
+        });
         Ok(WeightTensor {
             name: name.to_string(),
             origin: "<random>".into(),
@@ -291,12 +306,16 @@ fn bench_transformer(
     let ctx = b.upload(&random_host(vec![2, 333, 4096], 2, 1.0))?;
     let pooled = b.upload(&random_host(vec![2, 2048], 3, 1.0))?;
     let ts = [500.0f32, 500.0];
-    let step = |b: &CudaBackend| -> R<f64> {
+    // (CUDA-event ms, wall ms) of one step.
+    let step = |b: &CudaBackend| -> R<(f64, f64)> {
         let t = Instant::now();
+        let e0 = b.record_event()?;
         let y = m.forward(b, &lat, &ctx, &pooled, &ts)?;
+        let e1 = b.record_event()?;
+        let gpu = e0.elapsed_ms(&e1)? as f64;
         b.synchronize()?;
         drop(y);
-        Ok(t.elapsed().as_secs_f64() * 1e3)
+        Ok((gpu, t.elapsed().as_secs_f64() * 1e3))
     };
     let tw = Instant::now();
     for _ in 0..o.warmup {
@@ -304,10 +323,13 @@ fn bench_transformer(
     }
     let warm_s = tw.elapsed().as_secs_f64();
     b.reset_peak_memory()?;
-    let mut times: Vec<f64> = (0..o.iters).map(|_| step(&b)).collect::<R<_>>()?;
+    let both: Vec<(f64, f64)> = (0..o.iters).map(|_| step(&b)).collect::<R<_>>()?;
     let mem = b.memory_stats()?;
+    let mut times: Vec<f64> = both.iter().map(|t| t.0).collect();
+    let mut walls: Vec<f64> = both.iter().map(|t| t.1).collect();
     let min = times.iter().cloned().fold(f64::INFINITY, f64::min);
     let med = median(&mut times);
+    let wall_med = median(&mut walls);
     // The output, for the FP8-vs-BF16 comparison.
     let y = b.download(&m.forward(&b, &lat, &ctx, &pooled, &ts)?)?;
     // Per-operation profile of one step.
@@ -325,8 +347,9 @@ fn bench_transformer(
         "res": 1024, "batch": 2, "text_tokens": 333,
         "step_ms_median": (med * 100.0).round() / 100.0,
         "step_ms_min": (min * 100.0).round() / 100.0,
+        "step_wall_ms_median": (wall_med * 100.0).round() / 100.0,
         "iters": o.iters, "warmup": o.warmup,
-        "timing": "stream-synchronised wall time per forward (host enqueue + GPU)",
+        "timing": "CUDA events on the backend's stream around one forward (median); wall = stream-synchronised host time",
         "peak_gib": (gib(mem.peak_used) * 1000.0).round() / 1000.0,
         "peak_reserved_gib": (gib(mem.peak_reserved) * 1000.0).round() / 1000.0,
         "param_bytes": after_load.param_bytes,
@@ -440,8 +463,9 @@ fn bench_attention(bench: &mut Bench, o: &Opts) -> R<()> {
     Ok(())
 }
 
-fn bench_vae(bench: &mut Bench, o: &Opts) -> R<()> {
-    let cfg = VaeConfig {
+/// The SD3 / SD3.5 VAE (decoder side) at its real size.
+fn vae_config() -> VaeConfig {
+    VaeConfig {
         in_channels: 3,
         out_channels: 3,
         latent_channels: 16,
@@ -453,16 +477,21 @@ fn bench_vae(bench: &mut Bench, o: &Opts) -> R<()> {
         use_post_quant_conv: false,
         mid_block_add_attention: true,
         up_block_types: vec!["UpDecoderBlock2D".into(); 4],
-    };
+    }
+}
+
+fn bench_vae(bench: &mut Bench, o: &Opts) -> R<()> {
+    let cfg = vae_config();
     let b = CudaBackend::new(0, CudaPrecision::Bf16)?;
     let vae = VaeDecoder::load(&b, cfg, &RandomWeights, &PrecisionPlan::default())?;
     let z = b.upload(&random_host(vec![1, 16, 128, 128], 21, 1.0))?;
     let dec = |b: &CudaBackend| -> R<f64> {
-        let t = Instant::now();
+        let e0 = b.record_event()?;
         let y = vae.decode(b, &z)?;
-        b.synchronize()?;
+        let e1 = b.record_event()?;
+        let ms = e0.elapsed_ms(&e1)? as f64;
         drop(y);
-        Ok(t.elapsed().as_secs_f64() * 1e3)
+        Ok(ms)
     };
     dec(&b)?;
     b.reset_peak_memory()?;
@@ -480,8 +509,154 @@ fn bench_vae(bench: &mut Bench, o: &Opts) -> R<()> {
             "what": "SD3 VAE decode 1024x1024, batch 1, bf16",
             "ms_median": (median(&mut ts) * 100.0).round() / 100.0,
             "iters": ts.len(),
+            "timing": "CUDA events around one decode",
             "peak_gib": (gib(mem.peak_used) * 1000.0).round() / 1000.0,
             "profile": prof,
+        }),
+    );
+    Ok(())
+}
+
+/// CLIP-L, CLIP-G and T5-XXL at SD3.5's real sizes (the text encoders of every SD3.5
+/// model; `eos_token_id` 2 picks the pooled token by argmax, as diffusers' test
+/// configs and `sd35_e2e.py` do).
+fn text_configs() -> (ClipConfig, ClipConfig, T5Config) {
+    let clip = |hidden: usize, inter: usize, layers: usize, heads: usize, act: &str| ClipConfig {
+        vocab_size: 49408,
+        hidden_size: hidden,
+        intermediate_size: inter,
+        projection_dim: hidden,
+        num_hidden_layers: layers,
+        num_attention_heads: heads,
+        max_position_embeddings: 77,
+        hidden_act: act.into(),
+        layer_norm_eps: 1e-5,
+        eos_token_id: 2,
+    };
+    let t5 = T5Config {
+        vocab_size: 32128,
+        d_model: 4096,
+        d_kv: 64,
+        d_ff: 10240,
+        num_layers: 24,
+        num_heads: 64,
+        relative_attention_num_buckets: 32,
+        relative_attention_max_distance: 128,
+        layer_norm_epsilon: 1e-6,
+        feed_forward_proj: "gated-gelu".into(),
+    };
+    (
+        clip(768, 3072, 12, 12, "quick_gelu"),
+        clip(1280, 5120, 32, 20, "gelu"),
+        t5,
+    )
+}
+
+/// A whole SD3.5-medium pipeline (FP8 transformer with the plan above; CLIP, T5 and
+/// the VAE in BF16): per-stage latency of the text encoders and a full 28-step
+/// 1024x1024 image with CFG 5.0, as diffusers' pipeline runs it.
+fn bench_pipeline(bench: &mut Bench, o: &Opts, tokenizers: &std::path::Path) -> R<()> {
+    let model = "sd3.5-medium";
+    let (clip_l, clip_g, t5) = text_configs();
+    let configs = ModelConfigs {
+        transformer: config(model)?,
+        clip_l,
+        clip_g,
+        t5: Some(t5),
+        vae: vae_config(),
+        scheduler: SchedulerConfig {
+            shift: 3.0,
+            ..SchedulerConfig::default()
+        },
+    };
+    let plan = fp8_plan(&configs.transformer);
+    let toks = Tokenizers::load(tokenizers, true)?;
+    let b = CudaBackend::new(0, CudaPrecision::Fp8)?;
+    let t0 = Instant::now();
+    let w = ComponentWeights {
+        transformer: &RandomWeights,
+        clip_l: &RandomWeights,
+        clip_g: &RandomWeights,
+        t5: Some(&RandomWeights),
+        vae: &RandomWeights,
+    };
+    let pipe = Sd3Pipeline::from_parts(&configs, w, toks, b, &plan)?;
+    let b = &pipe.backend;
+    b.synchronize()?;
+    let load_s = t0.elapsed().as_secs_f64();
+    let params = b.memory_stats()?.param_bytes;
+    let prompt = "a crimson kite over the sea";
+    let l_ids = pipe.tokenizers.clip_l.encode(prompt)?.ids;
+    let g_ids = pipe.tokenizers.clip_g.encode(prompt)?.ids;
+    let t5_tok = pipe.tokenizers.t5.as_ref().ok_or("no T5 tokenizer")?;
+    let t5_ids = t5_tok.encode(prompt, 256)?.ids;
+    let t5_model = pipe.t5.as_ref().ok_or("no T5")?;
+    // Each encoder once per prompt (batch 1), as the pipeline calls it; an image with
+    // CFG encodes the prompt and the negative prompt.
+    let time = |f: &dyn Fn() -> R<()>| -> R<f64> {
+        f()?;
+        let mut ts = Vec::new();
+        for _ in 0..o.iters.clamp(3, 10) {
+            let e0 = b.record_event()?;
+            f()?;
+            let e1 = b.record_event()?;
+            ts.push(e0.elapsed_ms(&e1)? as f64);
+        }
+        Ok(median(&mut ts))
+    };
+    let clip_l_ms = time(&|| {
+        pipe.clip_l.forward(b, &l_ids, 1)?;
+        Ok(())
+    })?;
+    let clip_g_ms = time(&|| {
+        pipe.clip_g.forward(b, &g_ids, 1)?;
+        Ok(())
+    })?;
+    let t5_ms = time(&|| {
+        t5_model.forward(b, &t5_ids, 1)?;
+        Ok(())
+    })?;
+    let req = || GenerateRequest {
+        prompt: prompt.into(),
+        negative_prompt: "blurry".into(),
+        width: 1024,
+        height: 1024,
+        steps: 28,
+        guidance_scale: 5.0,
+        seed: 0,
+        ..GenerateRequest::default()
+    };
+    let mut steps = 0usize;
+    pipe.generate(req(), &mut |_, _| {})?;
+    b.reset_peak_memory()?;
+    let mut e2e = Vec::new();
+    for _ in 0..2 {
+        let t = Instant::now();
+        let img = pipe.generate(req(), &mut |done, _| steps = done)?;
+        e2e.push(t.elapsed().as_secs_f64() * 1e3);
+        if img.image.width != 1024 {
+            return Err("unexpected image size".into());
+        }
+    }
+    let mem = b.memory_stats()?;
+    let r2 = |v: f64| (v * 100.0).round() / 100.0;
+    bench.push(
+        "pipeline",
+        json!({
+            "model": model,
+            "what": "whole pipeline at real sizes, random weights: FP8 transformer (plan above), BF16 CLIP-L, CLIP-G, T5-XXL and VAE",
+            "clip_l_ms": r2(clip_l_ms),
+            "clip_g_ms": r2(clip_g_ms),
+            "t5_ms": r2(t5_ms),
+            "text_encoders_per_image_ms": r2(2.0 * (clip_l_ms + clip_g_ms + t5_ms)),
+            "text_timing": "CUDA events, one prompt (batch 1) per call, median; an image with CFG encodes two prompts",
+            "e2e_ms": e2e.iter().map(|&v| r2(v)).collect::<Vec<_>>(),
+            "e2e_ms_median": r2(e2e.iter().cloned().fold(f64::INFINITY, f64::min)),
+            "e2e_steps": steps,
+            "e2e_timing": "wall time of Sd3Pipeline::generate (1024x1024, 28 steps, CFG 5.0, PNG-ready RGB downloaded), best of 2 after one warm-up",
+            "peak_gib": (gib(mem.peak_used) * 1000.0).round() / 1000.0,
+            "param_gib": (gib(params) * 1000.0).round() / 1000.0,
+            "load_s": (load_s * 10.0).round() / 10.0,
         }),
     );
     Ok(())
@@ -500,16 +675,26 @@ fn main() -> R<()> {
     };
     let mut vae = true;
     let mut attn = true;
+    let mut pipeline = true;
+    let mut tokenizers = PathBuf::from("models/tiny-sd35m");
     while let Some(a) = args.next() {
         let mut val = || args.next().ok_or(format!("{a} needs a value"));
         match a.as_str() {
-            "--models" => models = val()?.split(',').map(String::from).collect(),
+            "--models" => {
+                models = val()?
+                    .split(',')
+                    .filter(|m| !m.is_empty())
+                    .map(String::from)
+                    .collect()
+            }
             "--precisions" => precisions = val()?.split(',').map(String::from).collect(),
             "--iters" => o.iters = val()?.parse()?,
             "--warmup" => o.warmup = val()?.parse()?,
             "--no-vae" => vae = false,
             "--no-attention" => attn = false,
             "--no-exact" => o.exact = false,
+            "--no-pipeline" => pipeline = false,
+            "--tokenizers" => tokenizers = PathBuf::from(val()?),
             other => return Err(format!("unknown option {other}").into()),
         }
     }
@@ -543,6 +728,9 @@ fn main() -> R<()> {
     }
     if vae && let Err(e) = bench_vae(&mut bench, &o) {
         bench.push("errors", json!(format!("vae: {e}")));
+    }
+    if pipeline && let Err(e) = bench_pipeline(&mut bench, &o, &tokenizers) {
+        bench.push("errors", json!(format!("pipeline: {e}")));
     }
     bench.doc["finished_unix"] = json!(
         std::time::SystemTime::now()

@@ -2334,6 +2334,27 @@ impl CudaBackend {
     }
 }
 
+/// A point in the backend's stream, for GPU-side latency (CUDA events with timing):
+/// `b.record_event()` before and after some work, then `start.elapsed_ms(&end)`.
+pub struct GpuEvent(cudarc::driver::CudaEvent);
+
+impl GpuEvent {
+    /// Milliseconds of stream time between `self` and `end` (waits for `end`).
+    pub fn elapsed_ms(&self, end: &GpuEvent) -> Result<f32> {
+        Ok(self.0.elapsed_ms(&end.0)?)
+    }
+}
+
+impl CudaBackend {
+    /// Records a timing event on the backend's stream after all work queued so far.
+    pub fn record_event(&self) -> Result<GpuEvent> {
+        self.run(|i| -> Result<GpuEvent> {
+            let flags = cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT;
+            Ok(GpuEvent(i.stream.record_event(Some(flags))?))
+        })?
+    }
+}
+
 impl Drop for CudaBackend {
     fn drop(&mut self) {
         if let Ok(mut g) = self.tx.lock() {
