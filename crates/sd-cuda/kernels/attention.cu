@@ -1,33 +1,35 @@
 // Multi-head attention, straightforward and exact: one warp per (entry, head, query),
 // softmax in the CPU backend's order (max, f64 sum, normalized weights times V), the
 // output accumulated in f32 registers (PL values per lane, head dim <= 32 * PL).
-// q [B, Sq, H*D], k/v [B, Sk, H*D], bias [H, Sq, Sk].
+// q [B, Sq, H*D], k/v [B, Sk, H*D], bias [H, Sq, Sk], all in storage type (sd_ld).
 // The fast (flash) kernel is a later issue; this one is the reference on the GPU.
 #include <cuda_bf16.h>
 
 // q . k of one key, summed over the warp, scaled, plus the bias.
 template <int PL>
-__device__ __forceinline__ float attention_score(const float (&qv)[PL], const float* kr, int d,
-                                                 int lane, float scale, const float* br, int t) {
+__device__ __forceinline__ float attention_score(const float (&qv)[PL], const void* k,
+                                                 unsigned long long kr, int d, int lane,
+                                                 float scale, const void* bias,
+                                                 unsigned long long br, int t, int r) {
     float s = 0.0f;
 #pragma unroll
     for (int j = 0; j < PL; ++j) {
         const int e = lane + 32 * j;
-        if (e < d) s = fmaf(qv[j], kr[e], s);
+        if (e < d) s = fmaf(qv[j], sd_ld(k, kr + e, r), s);
     }
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
     s *= scale;
-    if (br) s += br[t];
+    if (bias) s += sd_ld(bias, br + t, r);
     return s;
 }
 
 template <int PL>
-__device__ __forceinline__ void attention_impl(const float* __restrict__ q,
-                                               const float* __restrict__ k,
-                                               const float* __restrict__ v,
-                                               const float* __restrict__ bias,
-                                               float* __restrict__ out, int batch, int sq,
+__device__ __forceinline__ void attention_impl(const void* __restrict__ q,
+                                               const void* __restrict__ k,
+                                               const void* __restrict__ v,
+                                               const void* __restrict__ bias,
+                                               void* __restrict__ out, int batch, int sq,
                                                int sk, int heads, int d, float scale,
                                                int causal, int r) {
     const unsigned long long warp =
@@ -38,15 +40,14 @@ __device__ __forceinline__ void attention_impl(const float* __restrict__ q,
     const int h = (int)((warp / sq) % heads);
     const int bi = (int)(warp / ((unsigned long long)sq * heads));
     const unsigned long long c = (unsigned long long)heads * d;
-    const float* qr = q + ((unsigned long long)bi * sq + i) * c + (unsigned long long)h * d;
-    const float* kb = k + (unsigned long long)bi * sk * c + (unsigned long long)h * d;
-    const float* vb = v + (unsigned long long)bi * sk * c + (unsigned long long)h * d;
-    const float* br = bias ? bias + ((unsigned long long)h * sq + i) * sk : nullptr;
+    const unsigned long long qr = ((unsigned long long)bi * sq + i) * c + (unsigned long long)h * d;
+    const unsigned long long kb = (unsigned long long)bi * sk * c + (unsigned long long)h * d;
+    const unsigned long long br = ((unsigned long long)h * sq + i) * sk;
     float qv[PL], acc[PL];
 #pragma unroll
     for (int j = 0; j < PL; ++j) {
         const int e = lane + 32 * j;
-        qv[j] = e < d ? qr[e] : 0.0f;
+        qv[j] = e < d ? sd_ld(q, qr + e, r) : 0.0f;
         acc[j] = 0.0f;
     }
     // Three passes over the keys, in the CPU backend's order: the row maximum, then the
@@ -54,34 +55,33 @@ __device__ __forceinline__ void attention_impl(const float* __restrict__ q,
     const int kend = causal ? min(sk, i + 1) : sk;
     float m = -__int_as_float(0x7f800000);
     for (int t = 0; t < kend; ++t) {
-        m = fmaxf(m, attention_score<PL>(qv, kb + (unsigned long long)t * c, d, lane, scale, br, t));
+        m = fmaxf(m, attention_score<PL>(qv, k, kb + (unsigned long long)t * c, d, lane, scale, bias, br, t, r));
     }
     double sum = 0.0;
     for (int t = 0; t < kend; ++t) {
-        sum += (double)expf(attention_score<PL>(qv, kb + (unsigned long long)t * c, d, lane, scale, br, t) - m);
+        sum += (double)expf(attention_score<PL>(qv, k, kb + (unsigned long long)t * c, d, lane, scale, bias, br, t, r) - m);
     }
     const float inv = (float)(1.0 / sum);
     for (int t = 0; t < kend; ++t) {
         const float p =
-            expf(attention_score<PL>(qv, kb + (unsigned long long)t * c, d, lane, scale, br, t) - m) * inv;
-        const float* vr = vb + (unsigned long long)t * c;
+            expf(attention_score<PL>(qv, k, kb + (unsigned long long)t * c, d, lane, scale, bias, br, t, r) - m) * inv;
+        const unsigned long long vr = kb + (unsigned long long)t * c;
 #pragma unroll
         for (int j = 0; j < PL; ++j) {
             const int e = lane + 32 * j;
-            if (e < d) acc[j] = fmaf(p, vr[e], acc[j]);
+            if (e < d) acc[j] = fmaf(p, sd_ld(v, vr + e, r), acc[j]);
         }
     }
-    float* orow = out + ((unsigned long long)bi * sq + i) * c + (unsigned long long)h * d;
 #pragma unroll
     for (int j = 0; j < PL; ++j) {
         const int e = lane + 32 * j;
-        if (e < d) orow[e] = sd_round(acc[j], r);
+        if (e < d) sd_st(out, qr + e, acc[j], r);
     }
 }
 
 #define SD_ATTENTION(PL)                                                                      \
     extern "C" __global__ void attention_pl##PL(                                              \
-        const float* q, const float* k, const float* v, const float* bias, float* out,        \
+        const void* q, const void* k, const void* v, const void* bias, void* out,             \
         int batch, int sq, int sk, int heads, int d, float scale, int causal, int r) {        \
         attention_impl<PL>(q, k, v, bias, out, batch, sq, sk, heads, d, scale, causal, r);     \
     }
@@ -93,13 +93,14 @@ SD_ATTENTION(16)
 SD_ATTENTION(32)
 
 // ---- Flash attention (FlashAttention-2 style), head dim 64, no mask, no bias --------
-// q [B, Sq, H*64], k/v [B, Sk, H*64] f32 (BF16 values in BF16/FP8 precision); the dot
+// q [B, Sq, H*64], k/v [B, Sk, H*64] and the output stored as BF16 (BF16/FP8 precision); the dot
 // products run on BF16 tensor cores (mma.sync m16n8k16, f32 accumulation), the softmax
 // is online in f32 (base 2). A block of WARPS warps takes WARPS * 16 * MT queries of one
 // (entry, head), each warp MT m-tiles of 16 rows. Keys and values pass through shared
-// memory 64 at a time, as BF16 (K row-major [key][d], V transposed [d][key], rows padded
-// to 72 to avoid bank conflicts). The P fragments are reused from the S accumulators in
-// registers.
+// memory 64 at a time, as stored (BF16, row-major [key][d], rows padded to 72 so that the
+// 8 row addresses of an ldmatrix phase hit distinct banks); the tensor-core B fragments
+// come from ldmatrix (K) and ldmatrix.trans (V: no transposing store, which was 8-way
+// bank-conflicted). The P fragments are reused from the S accumulators in registers.
 #define FA_D 64
 #define FA_BK 64
 #define FA_LD 72
@@ -118,6 +119,23 @@ __device__ __forceinline__ void fa_mma(float (&c)[4], const unsigned (&a)[4], un
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
+// Four 8x8 BF16 matrices from shared memory; lane l gives the address of row l % 8 of
+// matrix l / 8. Without .trans lane (g, t) gets row g, columns 2t, 2t+1 of each matrix;
+// with .trans it gets rows 2t, 2t+1 of column g.
+__device__ __forceinline__ void fa_ldm4(unsigned (&r)[4], const __nv_bfloat16* p) {
+    const unsigned a = (unsigned)__cvta_generic_to_shared(p);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
+}
+
+__device__ __forceinline__ void fa_ldm4t(unsigned (&r)[4], const __nv_bfloat16* p) {
+    const unsigned a = (unsigned)__cvta_generic_to_shared(p);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
+}
+
 __device__ __forceinline__ float fa_exp2(float x) {
     float y;
     asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
@@ -127,22 +145,23 @@ __device__ __forceinline__ float fa_exp2(float x) {
 // WARPS warps per block, MT m-tiles of 16 query rows per warp (a loaded K/V fragment
 // feeds MT tensor-core ops: MT = 2 halves the shared-memory traffic per FLOP).
 template <int WARPS, int MT>
-__device__ __forceinline__ void flash_impl(const float* __restrict__ q, const float* __restrict__ k,
-                                           const float* __restrict__ v, float* __restrict__ out,
-                                           int sq, int sk, int heads, float scale, int r) {
+__device__ __forceinline__ void flash_impl(const __nv_bfloat16* __restrict__ q,
+                                           const __nv_bfloat16* __restrict__ k,
+                                           const __nv_bfloat16* __restrict__ v,
+                                           __nv_bfloat16* __restrict__ out, int sq, int sk,
+                                           int heads, float scale) {
     constexpr int NT = WARPS * 32;
     constexpr int BQ = WARPS * 16 * MT;
-    constexpr int KIT = 1024 / NT;  // float4s of the K tile per thread
-    constexpr int VIT = 512 / NT;   // key pairs x float4 of the V tile per thread
+    constexpr int KIT = 512 / NT;  // uint4s (8 BF16) of the K (and of the V) tile per thread
     __shared__ __align__(16) __nv_bfloat16 ks[FA_BK * FA_LD];
-    __shared__ __align__(16) __nv_bfloat16 vt[FA_D * FA_LD];
+    __shared__ __align__(16) __nv_bfloat16 vs[FA_BK * FA_LD];
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int g = lane >> 2, t = lane & 3;
     const int h = blockIdx.y, bi = blockIdx.z;
     const unsigned long long c = (unsigned long long)heads * FA_D;
-    const float* qb = q + (unsigned long long)bi * sq * c + (unsigned long long)h * FA_D;
-    const float* kb = k + (unsigned long long)bi * sk * c + (unsigned long long)h * FA_D;
-    const float* vb = v + (unsigned long long)bi * sk * c + (unsigned long long)h * FA_D;
+    const __nv_bfloat16* qb = q + (unsigned long long)bi * sq * c + (unsigned long long)h * FA_D;
+    const __nv_bfloat16* kb = k + (unsigned long long)bi * sk * c + (unsigned long long)h * FA_D;
+    const __nv_bfloat16* vb = v + (unsigned long long)bi * sk * c + (unsigned long long)h * FA_D;
     const int q0 = blockIdx.x * BQ + warp * 16 * MT;
 
     unsigned qa[MT][4][4];
@@ -152,14 +171,14 @@ __device__ __forceinline__ void flash_impl(const float* __restrict__ q, const fl
 #pragma unroll
         for (int ks_ = 0; ks_ < 4; ++ks_) {
             const int d0 = ks_ * 16 + 2 * t;
-            float2 x0 = rA < sq ? *reinterpret_cast<const float2*>(qb + (unsigned long long)rA * c + d0) : make_float2(0.f, 0.f);
-            float2 x1 = rB < sq ? *reinterpret_cast<const float2*>(qb + (unsigned long long)rB * c + d0) : make_float2(0.f, 0.f);
-            float2 x2 = rA < sq ? *reinterpret_cast<const float2*>(qb + (unsigned long long)rA * c + d0 + 8) : make_float2(0.f, 0.f);
-            float2 x3 = rB < sq ? *reinterpret_cast<const float2*>(qb + (unsigned long long)rB * c + d0 + 8) : make_float2(0.f, 0.f);
-            qa[mt][ks_][0] = fa_pack(x0.x, x0.y);
-            qa[mt][ks_][1] = fa_pack(x1.x, x1.y);
-            qa[mt][ks_][2] = fa_pack(x2.x, x2.y);
-            qa[mt][ks_][3] = fa_pack(x3.x, x3.y);
+            // Two BF16 values per register, exactly as stored.
+            auto ld2 = [&](int row, int d) -> unsigned {
+                return row < sq ? *reinterpret_cast<const unsigned*>(qb + (unsigned long long)row * c + d) : 0u;
+            };
+            qa[mt][ks_][0] = ld2(rA, d0);
+            qa[mt][ks_][1] = ld2(rB, d0);
+            qa[mt][ks_][2] = ld2(rA, d0 + 8);
+            qa[mt][ks_][3] = ld2(rB, d0 + 8);
         }
     }
     float o[MT][8][4];
@@ -176,28 +195,19 @@ __device__ __forceinline__ void flash_impl(const float* __restrict__ q, const fl
     }
     const float sl2 = scale * 1.4426950408889634f;
 
-    // Register prefetch: the next tile's K/V values are loaded from global memory while
-    // the current tile is computed, then converted and stored to shared memory.
-    float4 kreg[KIT], vreg0[VIT], vreg1[VIT];
+    // Register prefetch: the next tile's K/V values (8 BF16 per uint4) are loaded from
+    // global memory while the current tile is computed, then stored to shared memory.
+    uint4 kreg[KIT], vreg[KIT];
+    const uint4 zero4 = make_uint4(0u, 0u, 0u, 0u);
     auto load_tile = [&](int k0) {
 #pragma unroll
         for (int it = 0; it < KIT; ++it) {
-            const int idx = it * NT + tid;  // 0..1023: 64 keys x 16 float4
-            const int key = idx >> 4, d4 = (idx & 15) * 4;
-            kreg[it] = k0 + key < sk
-                           ? *reinterpret_cast<const float4*>(kb + (unsigned long long)(k0 + key) * c + d4)
-                           : make_float4(0.f, 0.f, 0.f, 0.f);
-        }
-#pragma unroll
-        for (int it = 0; it < VIT; ++it) {
-            const int idx = it * NT + tid;  // 0..511: 32 key pairs x 16 float4
-            const int key = 2 * (idx >> 4), d4 = (idx & 15) * 4;
-            vreg0[it] = k0 + key < sk
-                            ? *reinterpret_cast<const float4*>(vb + (unsigned long long)(k0 + key) * c + d4)
-                            : make_float4(0.f, 0.f, 0.f, 0.f);
-            vreg1[it] = k0 + key + 1 < sk
-                            ? *reinterpret_cast<const float4*>(vb + (unsigned long long)(k0 + key + 1) * c + d4)
-                            : make_float4(0.f, 0.f, 0.f, 0.f);
+            const int idx = it * NT + tid;  // 0..511: 64 keys x 8 uint4
+            const int key = idx >> 3, d8 = (idx & 7) * 8;
+            const bool ok = k0 + key < sk;
+            const unsigned long long off = (unsigned long long)(k0 + key) * c + d8;
+            kreg[it] = ok ? *reinterpret_cast<const uint4*>(kb + off) : zero4;
+            vreg[it] = ok ? *reinterpret_cast<const uint4*>(vb + off) : zero4;
         }
     };
     load_tile(0);
@@ -206,20 +216,10 @@ __device__ __forceinline__ void flash_impl(const float* __restrict__ q, const fl
 #pragma unroll
         for (int it = 0; it < KIT; ++it) {
             const int idx = it * NT + tid;
-            const int key = idx >> 4, d4 = (idx & 15) * 4;
-            unsigned* dst = reinterpret_cast<unsigned*>(ks + key * FA_LD + d4);
-            dst[0] = fa_pack(kreg[it].x, kreg[it].y);
-            dst[1] = fa_pack(kreg[it].z, kreg[it].w);
-        }
-#pragma unroll
-        for (int it = 0; it < VIT; ++it) {
-            const int idx = it * NT + tid;
-            const int key = 2 * (idx >> 4), d4 = (idx & 15) * 4;
-            const float4 x = vreg0[it], y = vreg1[it];
-            *reinterpret_cast<unsigned*>(vt + (d4 + 0) * FA_LD + key) = fa_pack(x.x, y.x);
-            *reinterpret_cast<unsigned*>(vt + (d4 + 1) * FA_LD + key) = fa_pack(x.y, y.y);
-            *reinterpret_cast<unsigned*>(vt + (d4 + 2) * FA_LD + key) = fa_pack(x.z, y.z);
-            *reinterpret_cast<unsigned*>(vt + (d4 + 3) * FA_LD + key) = fa_pack(x.w, y.w);
+            const int key = idx >> 3, d8 = (idx & 7) * 8;
+            // FA_LD * 2 bytes = 144 = 9 x 16: every row start is 16-byte aligned.
+            *reinterpret_cast<uint4*>(ks + key * FA_LD + d8) = kreg[it];
+            *reinterpret_cast<uint4*>(vs + key * FA_LD + d8) = vreg[it];
         }
         __syncthreads();
         if (k0 + FA_BK < sk) load_tile(k0 + FA_BK);
@@ -229,13 +229,19 @@ __device__ __forceinline__ void flash_impl(const float* __restrict__ q, const fl
         for (int nt = 0; nt < 8; ++nt) {
 #pragma unroll
             for (int mt = 0; mt < MT; ++mt) s[mt][nt][0] = s[mt][nt][1] = s[mt][nt][2] = s[mt][nt][3] = 0.f;
-            const __nv_bfloat16* kr = ks + (nt * 8 + g) * FA_LD + 2 * t;
+            // B = K^T: keys nt*8 .. +7 (rows of ks), d in 4 k-steps of 16. Matrix i of
+            // an ldmatrix.x4 = columns 8i .. 8i+7 of 32: (b0, b1) of two k-steps.
+            const __nv_bfloat16* kr = ks + (nt * 8 + (lane & 7)) * FA_LD + (lane >> 3) * 8;
 #pragma unroll
-            for (int ks_ = 0; ks_ < 4; ++ks_) {
-                const unsigned b0 = *reinterpret_cast<const unsigned*>(kr + ks_ * 16);
-                const unsigned b1 = *reinterpret_cast<const unsigned*>(kr + ks_ * 16 + 8);
+            for (int half = 0; half < 2; ++half) {
+                unsigned kb4[4];
+                fa_ldm4(kb4, kr + half * 32);
 #pragma unroll
-                for (int mt = 0; mt < MT; ++mt) fa_mma(s[mt][nt], qa[mt][ks_], b0, b1);
+                for (int h2 = 0; h2 < 2; ++h2) {
+#pragma unroll
+                    for (int mt = 0; mt < MT; ++mt)
+                        fa_mma(s[mt][nt], qa[mt][2 * half + h2], kb4[2 * h2], kb4[2 * h2 + 1]);
+                }
             }
         }
         // Online softmax (base 2) per m-tile, rows rA (s[.][0..1]) and rB (s[.][2..3]).
@@ -293,17 +299,24 @@ __device__ __forceinline__ void flash_impl(const float* __restrict__ q, const fl
                 pa[mt][2] = fa_pack(s[mt][2 * j + 1][0], s[mt][2 * j + 1][1]);
                 pa[mt][3] = fa_pack(s[mt][2 * j + 1][2], s[mt][2 * j + 1][3]);
             }
+            // B = V: keys j*16 .. +15 (k), dims (n) in pairs of n-tiles. Matrices of an
+            // ldmatrix.x4.trans: (keys +0..7, dims dn*8), (keys +8..15, dn*8),
+            // (keys +0..7, dn*8+8), (keys +8..15, dn*8+8) = (b0, b1) of n-tiles dn, dn+1.
+            const __nv_bfloat16* vr =
+                vs + (j * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * FA_LD + (lane >> 4) * 8;
 #pragma unroll
-            for (int dn = 0; dn < 8; ++dn) {
-                const __nv_bfloat16* vr = vt + (dn * 8 + g) * FA_LD + j * 16 + 2 * t;
-                const unsigned b0 = *reinterpret_cast<const unsigned*>(vr);
-                const unsigned b1 = *reinterpret_cast<const unsigned*>(vr + 8);
+            for (int dn = 0; dn < 8; dn += 2) {
+                unsigned vb4[4];
+                fa_ldm4t(vb4, vr + dn * 8);
 #pragma unroll
-                for (int mt = 0; mt < MT; ++mt) fa_mma(o[mt][dn], pa[mt], b0, b1);
+                for (int mt = 0; mt < MT; ++mt) {
+                    fa_mma(o[mt][dn], pa[mt], vb4[0], vb4[1]);
+                    fa_mma(o[mt][dn + 1], pa[mt], vb4[2], vb4[3]);
+                }
             }
         }
     }
-    float* ob = out + (unsigned long long)bi * sq * c + (unsigned long long)h * FA_D;
+    __nv_bfloat16* ob = out + (unsigned long long)bi * sq * c + (unsigned long long)h * FA_D;
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) {
         float la = lA[mt], lb = lB[mt];
@@ -317,11 +330,11 @@ __device__ __forceinline__ void flash_impl(const float* __restrict__ q, const fl
         for (int dn = 0; dn < 8; ++dn) {
             const int d0 = dn * 8 + 2 * t;
             if (rA < sq)
-                *reinterpret_cast<float2*>(ob + (unsigned long long)rA * c + d0) =
-                    make_float2(sd_round(o[mt][dn][0] * iA, r), sd_round(o[mt][dn][1] * iA, r));
+                *reinterpret_cast<unsigned*>(ob + (unsigned long long)rA * c + d0) =
+                    fa_pack(o[mt][dn][0] * iA, o[mt][dn][1] * iA);
             if (rB < sq)
-                *reinterpret_cast<float2*>(ob + (unsigned long long)rB * c + d0) =
-                    make_float2(sd_round(o[mt][dn][2] * iB, r), sd_round(o[mt][dn][3] * iB, r));
+                *reinterpret_cast<unsigned*>(ob + (unsigned long long)rB * c + d0) =
+                    fa_pack(o[mt][dn][2] * iB, o[mt][dn][3] * iB);
         }
     }
 }
@@ -329,19 +342,22 @@ __device__ __forceinline__ void flash_impl(const float* __restrict__ q, const fl
 // Variants: flash_attn_d64 (8 warps x 16 rows = 128 queries per block),
 // flash_attn_d64_w8m2 (8 warps x 32 rows = 256), flash_attn_d64_w4m2 (4 warps x 32 = 128).
 extern "C" __global__ void __launch_bounds__(256) flash_attn_d64(
-    const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v,
-    float* __restrict__ out, int sq, int sk, int heads, float scale, int r) {
-    flash_impl<8, 1>(q, k, v, out, sq, sk, heads, scale, r);
+    const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ k,
+    const __nv_bfloat16* __restrict__ v, __nv_bfloat16* __restrict__ out, int sq, int sk,
+    int heads, float scale) {
+    flash_impl<8, 1>(q, k, v, out, sq, sk, heads, scale);
 }
 extern "C" __global__ void __launch_bounds__(256) flash_attn_d64_w8m2(
-    const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v,
-    float* __restrict__ out, int sq, int sk, int heads, float scale, int r) {
-    flash_impl<8, 2>(q, k, v, out, sq, sk, heads, scale, r);
+    const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ k,
+    const __nv_bfloat16* __restrict__ v, __nv_bfloat16* __restrict__ out, int sq, int sk,
+    int heads, float scale) {
+    flash_impl<8, 2>(q, k, v, out, sq, sk, heads, scale);
 }
 extern "C" __global__ void __launch_bounds__(128) flash_attn_d64_w4m2(
-    const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v,
-    float* __restrict__ out, int sq, int sk, int heads, float scale, int r) {
-    flash_impl<4, 2>(q, k, v, out, sq, sk, heads, scale, r);
+    const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ k,
+    const __nv_bfloat16* __restrict__ v, __nv_bfloat16* __restrict__ out, int sq, int sk,
+    int heads, float scale) {
+    flash_impl<4, 2>(q, k, v, out, sq, sk, heads, scale);
 }
 
 // Row softmax for the GEMM attention path (large head dims: the VAE's single 512-wide

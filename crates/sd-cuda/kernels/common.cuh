@@ -34,3 +34,30 @@ __device__ __forceinline__ double sd_block_sum_d(double v, double* shared32) {
     for (int o = 16; o > 0; o >>= 1) t += __shfl_xor_sync(0xffffffffu, t, o);
     return t;
 }
+
+// Tensor storage. In BF16/FP8 precision (r != 0) every tensor value is BF16-rounded, so
+// tensors are stored as bfloat16 bits: nothing is lost and every memory-bound kernel moves
+// half the bytes. In F32 precision (r == 0) they are f32. The branch is uniform per launch.
+__device__ __forceinline__ float sd_ld(const void* p, unsigned long long i, int r) {
+    return r ? __bfloat162float(reinterpret_cast<const __nv_bfloat16*>(p)[i])
+             : reinterpret_cast<const float*>(p)[i];
+}
+
+// Stores v (rounded to nearest even BF16 when r != 0: the CPU backend's BF16 rounding).
+__device__ __forceinline__ void sd_st(void* p, unsigned long long i, float v, int r) {
+    if (r) {
+        reinterpret_cast<__nv_bfloat16*>(p)[i] = __float2bfloat16_rn(v);
+    } else {
+        reinterpret_cast<float*>(p)[i] = v;
+    }
+}
+
+// Copies one stored element (2 or 4 bytes) without converting it.
+__device__ __forceinline__ void sd_cp(void* d, unsigned long long di, const void* s,
+                                      unsigned long long si, int r) {
+    if (r) {
+        reinterpret_cast<unsigned short*>(d)[di] = reinterpret_cast<const unsigned short*>(s)[si];
+    } else {
+        reinterpret_cast<unsigned*>(d)[di] = reinterpret_cast<const unsigned*>(s)[si];
+    }
+}

@@ -1,11 +1,12 @@
 // Elementwise kernels: activations, broadcast arithmetic, adaLN modulation, gated
-// residuals, guidance, Euler steps. f32 in and out, BF16 rounding of the output on r.
+// residuals, guidance, Euler steps. Tensors in their storage type (BF16 when r, else f32,
+// see sd_ld / sd_st), arithmetic in f32.
 #include <cuda_bf16.h>
 
-extern "C" __global__ void unary_f32(const float* __restrict__ x, float* __restrict__ y,
+extern "C" __global__ void unary_f32(const void* __restrict__ x, void* __restrict__ y,
                                      unsigned long long n, int op, float a, float b, int r) {
     SD_GRID_STRIDE(i, n) {
-        const float v = x[i];
+        const float v = sd_ld(x, i, r);
         float o;
         switch (op) {
             case 1: o = v / (1.0f + expf(-v)); break;                              // SiLU
@@ -20,72 +21,75 @@ extern "C" __global__ void unary_f32(const float* __restrict__ x, float* __restr
             case 6: o = v * a + b; break;                       // scale_shift
             default: o = v; break;                              // copy / round
         }
-        y[i] = sd_round(o, r);
+        sd_st(y, i, o, r);
     }
 }
 
 // op 0: a + b[i % period]; 1: a * b; 2: guidance a + s (b - a); 3: euler a + s b.
-extern "C" __global__ void binary_f32(const float* __restrict__ a, const float* __restrict__ b,
-                                      float* __restrict__ y, unsigned long long n,
+extern "C" __global__ void binary_f32(const void* __restrict__ a, const void* __restrict__ b,
+                                      void* __restrict__ y, unsigned long long n,
                                       unsigned long long period, int op, float s, int r) {
     SD_GRID_STRIDE(i, n) {
-        const float u = a[i];
+        const float u = sd_ld(a, i, r);
         float o;
         switch (op) {
-            case 0: o = u + b[i % period]; break;
-            case 1: o = u * b[i]; break;
-            case 2: o = u + s * (b[i] - u); break;
-            default: o = u + s * b[i]; break;
+            case 0: o = u + sd_ld(b, i % period, r); break;
+            case 1: o = u * sd_ld(b, i, r); break;
+            case 2: o = u + s * (sd_ld(b, i, r) - u); break;
+            default: o = u + s * sd_ld(b, i, r); break;
         }
-        y[i] = sd_round(o, r);
+        sd_st(y, i, o, r);
     }
 }
 
 // adaLN: x [B, S, C], shift/scale [B, C]; per = S * C.
-extern "C" __global__ void modulate_f32(const float* __restrict__ x, const float* __restrict__ shift,
-                                        const float* __restrict__ scale, float* __restrict__ y,
+extern "C" __global__ void modulate_f32(const void* __restrict__ x, const void* __restrict__ shift,
+                                        const void* __restrict__ scale, void* __restrict__ y,
                                         unsigned long long n, unsigned long long per,
                                         unsigned long long c, int r) {
     SD_GRID_STRIDE(i, n) {
         const unsigned long long v = (i / per) * c + i % c;
-        y[i] = sd_round(x[i] * (1.0f + scale[v]) + shift[v], r);
+        sd_st(y, i, sd_ld(x, i, r) * (1.0f + sd_ld(scale, v, r)) + sd_ld(shift, v, r), r);
     }
 }
 
 // Gated residual: x + gate[b, c] * yv.
-extern "C" __global__ void gated_add_f32(const float* __restrict__ x, const float* __restrict__ gate,
-                                         const float* __restrict__ yv, float* __restrict__ out,
+extern "C" __global__ void gated_add_f32(const void* __restrict__ x, const void* __restrict__ gate,
+                                         const void* __restrict__ yv, void* __restrict__ out,
                                          unsigned long long n, unsigned long long per,
                                          unsigned long long c, int r) {
     SD_GRID_STRIDE(i, n) {
         const unsigned long long v = (i / per) * c + i % c;
-        out[i] = sd_round(x[i] + gate[v] * yv[i], r);
+        sd_st(out, i, sd_ld(x, i, r) + sd_ld(gate, v, r) * sd_ld(yv, i, r), r);
     }
 }
 
-// GEMM epilogue of a linear layer: y = d * colscale[c] + bias[c] (either may be null).
+// GEMM epilogue of a linear layer: y = d * colscale[c] + bias[c] (either may be null);
+// d (the GEMM's f32 output), colscale and bias are f32, y is a tensor in storage type.
 extern "C" __global__ void linear_epilogue_f32(const float* __restrict__ d,
                                                const float* __restrict__ colscale,
                                                const float* __restrict__ bias,
-                                               float* __restrict__ y, unsigned long long n,
+                                               void* __restrict__ y, unsigned long long n,
                                                unsigned long long cols, int r) {
     SD_GRID_STRIDE(i, n) {
         const unsigned long long c = i % cols;
         float v = d[i];
         if (colscale) v *= colscale[c];
         if (bias) v += bias[c];
-        y[i] = sd_round(v, r);
+        sd_st(y, i, v, r);
     }
 }
 
-// Conv bias: y[i] += bias[(i / plane) % channels].
-extern "C" __global__ void channel_bias_f32(float* __restrict__ y, const float* __restrict__ bias,
-                                            unsigned long long n, unsigned long long plane,
-                                            unsigned long long channels, int r) {
+// Conv bias: y[i] = d[i] + bias[(i / plane) % channels], d the GEMM's f32 output, bias
+// (may be null) and y tensors in storage type.
+extern "C" __global__ void channel_bias_f32(const float* __restrict__ d, const void* __restrict__ bias,
+                                            void* __restrict__ y, unsigned long long n,
+                                            unsigned long long plane, unsigned long long channels,
+                                            int r) {
     SD_GRID_STRIDE(i, n) {
-        float v = y[i];
-        if (bias) v += bias[(i / plane) % channels];
-        y[i] = sd_round(v, r);
+        float v = d[i];
+        if (bias) v += sd_ld(bias, (i / plane) % channels, r);
+        sd_st(y, i, v, r);
     }
 }
 

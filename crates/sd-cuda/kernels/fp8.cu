@@ -2,28 +2,29 @@
 // division) rounded to nearest even and saturated to the largest finite value.
 #include <cuda_fp8.h>
 
-// fmt 0 = E4M3 (FN), 1 = E5M2.
-extern "C" __global__ void quantize_fp8(const float* __restrict__ x, unsigned char* __restrict__ q,
-                                        unsigned long long n, float scale, int fmt) {
+// fmt 0 = E4M3 (FN), 1 = E5M2. x is a tensor in storage type (r: BF16, see sd_ld).
+extern "C" __global__ void quantize_fp8(const void* __restrict__ x, unsigned char* __restrict__ q,
+                                        unsigned long long n, float scale, int fmt, int r) {
     SD_GRID_STRIDE(i, n) {
-        const float v = x[i] / scale;
+        const float v = sd_ld(x, i, r) / scale;
         q[i] = (unsigned char)__nv_cvt_float_to_fp8(v, __NV_SATFINITE,
                                                     fmt == 0 ? __NV_E4M3 : __NV_E5M2);
     }
 }
 
 // Quantize with the scale read from device memory (the layer's own scale allocation).
-extern "C" __global__ void quantize_fp8_dev(const float* __restrict__ x,
+extern "C" __global__ void quantize_fp8_dev(const void* __restrict__ x,
                                             unsigned char* __restrict__ q,
                                             unsigned long long n, const float* __restrict__ scale,
-                                            int fmt) {
+                                            int fmt, int r) {
     const float s = *scale;
     SD_GRID_STRIDE(i, n) {
-        q[i] = (unsigned char)__nv_cvt_float_to_fp8(x[i] / s, __NV_SATFINITE,
+        q[i] = (unsigned char)__nv_cvt_float_to_fp8(sd_ld(x, i, r) / s, __NV_SATFINITE,
                                                     fmt == 0 ? __NV_E4M3 : __NV_E5M2);
     }
 }
 
+// y is f32 (the input of an f32 GEMM: scaled FP8 values need not be BF16 values).
 extern "C" __global__ void dequantize_fp8(const unsigned char* __restrict__ q, float* __restrict__ y,
                                           unsigned long long n, float scale, int fmt) {
     SD_GRID_STRIDE(i, n) {

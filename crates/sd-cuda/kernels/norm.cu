@@ -1,84 +1,89 @@
 // Row normalizations, one block per row (layer norm, RMS norm) or per (entry, group)
 // (group norm). Statistics in f64 and the final arithmetic in the CPU backend's order, so
-// that both round to the same f32 (and BF16) values almost always.
+// that both round to the same f32 (and BF16) values almost always. Tensors (x, y, and the
+// affine parameters g, b) are in storage type (sd_ld / sd_st).
 #include <cuda_bf16.h>
 
-extern "C" __global__ void layer_norm_f32(const float* __restrict__ x, const float* __restrict__ g,
-                                          const float* __restrict__ b, float* __restrict__ y,
+extern "C" __global__ void layer_norm_f32(const void* __restrict__ x, const void* __restrict__ g,
+                                          const void* __restrict__ b, void* __restrict__ y,
                                           int c, float eps, int r) {
     __shared__ double red[32];
-    const float* row = x + (unsigned long long)blockIdx.x * c;
-    float* out = y + (unsigned long long)blockIdx.x * c;
+    const unsigned long long row = (unsigned long long)blockIdx.x * c;
     double s = 0.0;
-    for (int i = threadIdx.x; i < c; i += blockDim.x) s += (double)row[i];
+    for (int i = threadIdx.x; i < c; i += blockDim.x) s += (double)sd_ld(x, row + i, r);
     const double mean = sd_block_sum_d(s, red) / c;
     double v = 0.0;
     for (int i = threadIdx.x; i < c; i += blockDim.x) {
-        const double d = (double)row[i] - mean;
+        const double d = (double)sd_ld(x, row + i, r) - mean;
         v += d * d;
     }
     const double inv = 1.0 / sqrt(sd_block_sum_d(v, red) / c + (double)eps);
     for (int i = threadIdx.x; i < c; i += blockDim.x) {
-        float o = (float)(((double)row[i] - mean) * inv);
-        if (g) o *= g[i];
-        if (b) o += b[i];
-        out[i] = sd_round(o, r);
+        float o = (float)(((double)sd_ld(x, row + i, r) - mean) * inv);
+        if (g) o *= sd_ld(g, i, r);
+        if (b) o += sd_ld(b, i, r);
+        sd_st(y, row + i, o, r);
     }
 }
 
-extern "C" __global__ void rms_norm_f32(const float* __restrict__ x, const float* __restrict__ g,
-                                        float* __restrict__ y, int c, float eps, int r) {
+extern "C" __global__ void rms_norm_f32(const void* __restrict__ x, const void* __restrict__ g,
+                                        void* __restrict__ y, int c, float eps, int r) {
     __shared__ double red[32];
-    const float* row = x + (unsigned long long)blockIdx.x * c;
-    float* out = y + (unsigned long long)blockIdx.x * c;
+    const unsigned long long row = (unsigned long long)blockIdx.x * c;
     double s = 0.0;
-    for (int i = threadIdx.x; i < c; i += blockDim.x) s += (double)row[i] * (double)row[i];
+    for (int i = threadIdx.x; i < c; i += blockDim.x) {
+        const double u = (double)sd_ld(x, row + i, r);
+        s += u * u;
+    }
     const float inv = (float)(1.0 / sqrt(sd_block_sum_d(s, red) / c + (double)eps));
     for (int i = threadIdx.x; i < c; i += blockDim.x) {
-        out[i] = sd_round(row[i] * inv * (g ? g[i] : 1.0f), r);
+        sd_st(y, row + i, sd_ld(x, row + i, r) * inv * (g ? sd_ld(g, i, r) : 1.0f), r);
     }
 }
 
 // x [B, C, H, W]; block = (entry, group); cg channels of hw pixels each.
-extern "C" __global__ void group_norm_f32(const float* __restrict__ x, const float* __restrict__ g,
-                                          const float* __restrict__ b, float* __restrict__ y,
+extern "C" __global__ void group_norm_f32(const void* __restrict__ x, const void* __restrict__ g,
+                                          const void* __restrict__ b, void* __restrict__ y,
                                           int groups, int cg, unsigned long long hw, float eps,
                                           int r) {
     __shared__ double red[32];
     const unsigned long long block = (unsigned long long)cg * hw;
-    const float* in = x + blockIdx.x * block;
-    float* out = y + blockIdx.x * block;
+    const unsigned long long base = blockIdx.x * block;
     const int grp = blockIdx.x % groups;
     double s = 0.0;
-    for (unsigned long long i = threadIdx.x; i < block; i += blockDim.x) s += (double)in[i];
+    for (unsigned long long i = threadIdx.x; i < block; i += blockDim.x) s += (double)sd_ld(x, base + i, r);
     const double mean = sd_block_sum_d(s, red) / (double)block;
     double v = 0.0;
     for (unsigned long long i = threadIdx.x; i < block; i += blockDim.x) {
-        const double d = (double)in[i] - mean;
+        const double d = (double)sd_ld(x, base + i, r) - mean;
         v += d * d;
     }
     const double inv = 1.0 / sqrt(sd_block_sum_d(v, red) / (double)block + (double)eps);
     for (unsigned long long i = threadIdx.x; i < block; i += blockDim.x) {
         const int ch = grp * cg + (int)(i / hw);
-        out[i] = sd_round((float)(((double)in[i] - mean) * inv) * g[ch] + b[ch], r);
+        sd_st(y, base + i,
+              (float)(((double)sd_ld(x, base + i, r) - mean) * inv) * sd_ld(g, ch, r) + sd_ld(b, ch, r), r);
     }
 }
 
 // RMS norm of short rows (c <= 1024), one warp per row: the same f64 statistics and
 // final arithmetic as rms_norm_f32, without a block per 64-value row.
-extern "C" __global__ void rms_norm_warp_f32(const float* __restrict__ x, const float* __restrict__ g,
-                                             float* __restrict__ y, unsigned long long rows, int c,
+extern "C" __global__ void rms_norm_warp_f32(const void* __restrict__ x, const void* __restrict__ g,
+                                             void* __restrict__ y, unsigned long long rows, int c,
                                              float eps, int r) {
     const unsigned long long row = ((unsigned long long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     const int lane = threadIdx.x & 31;
     if (row >= rows) return;
-    const float* in = x + row * c;
-    float* out = y + row * c;
+    const unsigned long long base = row * c;
     double s = 0.0;
-    for (int i = lane; i < c; i += 32) s += (double)in[i] * (double)in[i];
+    for (int i = lane; i < c; i += 32) {
+        const double u = (double)sd_ld(x, base + i, r);
+        s += u * u;
+    }
     for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
     const float inv = (float)(1.0 / sqrt(s / c + (double)eps));
-    for (int i = lane; i < c; i += 32) out[i] = sd_round(in[i] * inv * (g ? g[i] : 1.0f), r);
+    for (int i = lane; i < c; i += 32)
+        sd_st(y, base + i, sd_ld(x, base + i, r) * inv * (g ? sd_ld(g, i, r) : 1.0f), r);
 }
 
 // Group norm split over many blocks: grid (entry*group, chunks). Pass 1: f64 partial
@@ -92,23 +97,23 @@ __device__ __forceinline__ void gn_range(unsigned long long len, int chunks, uns
     *b = min(len, *a + per);
 }
 
-extern "C" __global__ void group_norm_sum(const float* __restrict__ x, double* __restrict__ part,
-                                          unsigned long long len) {
+extern "C" __global__ void group_norm_sum(const void* __restrict__ x, double* __restrict__ part,
+                                          unsigned long long len, int r) {
     __shared__ double red[32];
-    const float* in = x + blockIdx.x * len;
+    const unsigned long long base = blockIdx.x * len;
     unsigned long long a, b;
     gn_range(len, gridDim.y, &a, &b);
     double s = 0.0;
-    for (unsigned long long i = a + threadIdx.x; i < b; i += blockDim.x) s += (double)in[i];
+    for (unsigned long long i = a + threadIdx.x; i < b; i += blockDim.x) s += (double)sd_ld(x, base + i, r);
     s = sd_block_sum_d(s, red);
     if (threadIdx.x == 0) part[blockIdx.x * gridDim.y + blockIdx.y] = s;
 }
 
-extern "C" __global__ void group_norm_var(const float* __restrict__ x, const double* __restrict__ psum,
-                                          double* __restrict__ pvar, unsigned long long len) {
+extern "C" __global__ void group_norm_var(const void* __restrict__ x, const double* __restrict__ psum,
+                                          double* __restrict__ pvar, unsigned long long len, int r) {
     __shared__ double red[32];
     __shared__ double mean_s;
-    const float* in = x + blockIdx.x * len;
+    const unsigned long long base = blockIdx.x * len;
     if (threadIdx.x == 0) {
         double t = 0.0;
         for (int j = 0; j < (int)gridDim.y; ++j) t += psum[blockIdx.x * gridDim.y + j];
@@ -120,16 +125,16 @@ extern "C" __global__ void group_norm_var(const float* __restrict__ x, const dou
     gn_range(len, gridDim.y, &a, &b);
     double v = 0.0;
     for (unsigned long long i = a + threadIdx.x; i < b; i += blockDim.x) {
-        const double d = (double)in[i] - mean;
+        const double d = (double)sd_ld(x, base + i, r) - mean;
         v += d * d;
     }
     v = sd_block_sum_d(v, red);
     if (threadIdx.x == 0) pvar[blockIdx.x * gridDim.y + blockIdx.y] = v;
 }
 
-extern "C" __global__ void group_norm_apply(const float* __restrict__ x, const double* __restrict__ psum,
-                                            const double* __restrict__ pvar, const float* __restrict__ g,
-                                            const float* __restrict__ bta, float* __restrict__ y,
+extern "C" __global__ void group_norm_apply(const void* __restrict__ x, const double* __restrict__ psum,
+                                            const double* __restrict__ pvar, const void* __restrict__ g,
+                                            const void* __restrict__ bta, void* __restrict__ y,
                                             int groups, int cg, unsigned long long hw, float eps, int r) {
     __shared__ double st[2];
     const unsigned long long len = (unsigned long long)cg * hw;
@@ -144,13 +149,13 @@ extern "C" __global__ void group_norm_apply(const float* __restrict__ x, const d
     }
     __syncthreads();
     const double mean = st[0], inv = st[1];
-    const float* in = x + blockIdx.x * len;
-    float* out = y + blockIdx.x * len;
+    const unsigned long long base = blockIdx.x * len;
     const int grp = blockIdx.x % groups;
     unsigned long long a, b;
     gn_range(len, gridDim.y, &a, &b);
     for (unsigned long long i = a + threadIdx.x; i < b; i += blockDim.x) {
         const int ch = grp * cg + (int)(i / hw);
-        out[i] = sd_round((float)(((double)in[i] - mean) * inv) * g[ch] + bta[ch], r);
+        sd_st(y, base + i,
+              (float)(((double)sd_ld(x, base + i, r) - mean) * inv) * sd_ld(g, ch, r) + sd_ld(bta, ch, r), r);
     }
 }

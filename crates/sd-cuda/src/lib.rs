@@ -8,9 +8,10 @@
 //!   scale as a device pointer in its own allocation), f32 x f32 (F32 precision). Per
 //!   output-channel weight scales and the bias are applied by an epilogue kernel.
 //! * Everything else runs on the project's kernels (`kernels/*.cu`), compiled by NVRTC.
-//! * Tensors are f32 device buffers. In BF16 and FP8 precision every operation's output
-//!   is rounded to bfloat16 (f32 accumulation), exactly the CPU backend's BF16 mode, and
-//!   linear-layer inputs are handed to the tensor cores as BF16 / FP8.
+//! * Tensors are device buffers of BF16 (BF16 and FP8 precision: every operation's output
+//!   is rounded to bfloat16 with f32 accumulation, exactly the CPU backend's BF16 mode, so
+//!   storing BF16 loses nothing and halves memory traffic) or f32 (F32 precision).
+//!   Linear-layer inputs go to the tensor cores as BF16 / FP8.
 //! * One owner thread per GPU holds the context (bound once), the stream, the cuBLASLt
 //!   handle and its workspace; the `Backend` methods send it jobs and wait for them.
 
@@ -49,17 +50,28 @@ pub enum CudaPrecision {
     Fp8,
 }
 
+/// Tensor storage: BF16 bits in BF16/FP8 precision (every value is BF16-rounded there,
+/// so nothing is lost), f32 in F32 precision. Kernels get `r` = 1 for BF16 storage.
+enum Storage {
+    F32(CudaSlice<f32>),
+    Bf16(CudaSlice<u16>),
+}
+
 /// A device buffer that may be dropped on any thread: the context is made current on
 /// the dropping thread first (the free is stream-ordered on the owner's stream).
-struct DeviceBuf(CudaSlice<f32>);
+struct DeviceBuf(Storage);
 
 impl Drop for DeviceBuf {
     fn drop(&mut self) {
-        let _ = self.0.context().bind_to_thread();
+        let _ = match &self.0 {
+            Storage::F32(s) => s.context().bind_to_thread(),
+            Storage::Bf16(s) => s.context().bind_to_thread(),
+        };
     }
 }
 
-/// A device tensor: f32 values (BF16-rounded in BF16/FP8 precision) and a shape.
+/// A device tensor: values in the backend's storage type (see [`CudaPrecision`]) and a
+/// shape.
 #[derive(Clone)]
 pub struct CudaTensor {
     shape: Vec<usize>,
@@ -115,6 +127,12 @@ pub struct CudaLinear {
     pub spec: LinearSpec,
     kind: LinearKind,
     bias: Option<CudaSlice<f32>>,
+    /// The bias as BF16 (exact: it holds BF16 values), made on first use by cuBLASLt's
+    /// bias epilogue, whose bias type follows the BF16 output.
+    bias16: std::sync::OnceLock<CudaSlice<u16>>,
+    /// FP8 layers whose per-channel weight scales are all equal: that scale alone in its
+    /// own allocation (a cuBLASLt scalar A scale); None otherwise. Made on first use.
+    wscale_uniform: std::sync::OnceLock<Option<CudaSlice<f32>>>,
 }
 
 impl Drop for CudaLinear {
@@ -216,6 +234,7 @@ enum Arg {
 }
 
 /// GEMM in cuBLASLt's column-major terms: `D[m, n] = op(A)[m, k] op(B)[k, n]`.
+#[derive(Clone, Copy)]
 struct Gemm {
     transa: bool,
     transb: bool,
@@ -233,6 +252,47 @@ struct Gemm {
     /// 0 = none
     b_scale: u64,
     alpha: f32,
+    /// Work cuBLASLt does in its epilogue instead of a separate kernel.
+    epi: GemmEpilogue,
+}
+
+/// A fused GEMM epilogue: `D = round(alpha * a_scale[m] * b_scale * (A B) + bias[m])`
+/// written as `d_type` (BF16 in BF16/FP8 precision: the tensor itself, no f32
+/// intermediate and no epilogue kernel).
+#[derive(Clone, Copy)]
+struct GemmEpilogue {
+    /// `CUDA_R_32F` = a plain f32 D and nothing fused (the other fields unused).
+    d_type: ltsys::cudaDataType,
+    /// Per-row (output channel) f32 scales of A (`OUTER_VEC_32F`), 0 = none.
+    a_scale_vec: u64,
+    /// Per-row f32 alpha (`ALPHA_DEVICE_VECTOR_BETA_ZERO`), 0 = none.
+    alpha_vec: u64,
+    /// A scalar f32 A scale (device pointer, its own allocation), 0 = none.
+    a_scale: u64,
+    /// Bias per row of D (output channel) in D's type, 0 = none.
+    bias: u64,
+}
+
+impl Default for GemmEpilogue {
+    fn default() -> Self {
+        Self {
+            d_type: ltsys::cudaDataType::CUDA_R_32F,
+            a_scale_vec: 0,
+            alpha_vec: 0,
+            a_scale: 0,
+            bias: 0,
+        }
+    }
+}
+
+impl GemmEpilogue {
+    fn is_fused(&self) -> bool {
+        self.d_type != ltsys::cudaDataType::CUDA_R_32F
+            || self.a_scale_vec != 0
+            || self.alpha_vec != 0
+            || self.a_scale != 0
+            || self.bias != 0
+    }
 }
 
 /// How FP8 linear layers run on the GPU.
@@ -269,6 +329,11 @@ struct Inner {
     /// the same activation scale share one quantization. Holding the source buffer
     /// keeps its address from being reused while the entry lives.
     quant_cache: std::cell::RefCell<Option<QuantCache>>,
+    /// Linear layers through cuBLASLt's fused epilogue, per way (see `linear_impl`):
+    /// None = not tried yet, Some(true) = works, Some(false) = refused (the reason is
+    /// kept). `SD_CUDA_FUSED_EPILOGUE=0` starts them all at Some(false).
+    fused_epilogue: std::cell::Cell<[Option<bool>; 4]>,
+    fused_epilogue_error: std::cell::RefCell<[Option<String>; 4]>,
     /// cuBLASLt algorithms chosen by the heuristic, per GEMM problem.
     algo_cache: std::cell::RefCell<HashMap<String, ltsys::cublasLtMatmulAlgo_t>>,
     /// The device's default stream-ordered memory pool (every allocation comes from it).
@@ -548,6 +613,11 @@ impl Inner {
             profile: std::cell::RefCell::new(None),
             op_key: std::cell::Cell::new(None),
             quant_cache: std::cell::RefCell::new(None),
+            fused_epilogue: std::cell::Cell::new(
+                [(std::env::var("SD_CUDA_FUSED_EPILOGUE").as_deref() == Ok("0")).then_some(false);
+                    4],
+            ),
+            fused_epilogue_error: std::cell::RefCell::new([None, None, None, None]),
             algo_cache: std::cell::RefCell::new(HashMap::new()),
             pool,
             param_bytes: std::cell::Cell::new(0),
@@ -564,7 +634,37 @@ impl Inner {
     }
 
     fn tp(&self, t: &CudaTensor) -> u64 {
-        self.ptr(&t.buf.0)
+        self.sptr(&t.buf.0)
+    }
+
+    fn sptr(&self, s: &Storage) -> u64 {
+        match s {
+            Storage::F32(b) => self.ptr(b),
+            Storage::Bf16(b) => self.ptr(b),
+        }
+    }
+
+    /// Bytes per stored tensor element.
+    fn es(&self) -> usize {
+        if self.r() == 1 { 2 } else { 4 }
+    }
+
+    /// An uninitialised tensor buffer of `n` elements in the storage type.
+    fn talloc(&self, n: usize) -> Result<Storage> {
+        Ok(if self.r() == 1 {
+            Storage::Bf16(self.alloc::<u16>(n)?)
+        } else {
+            Storage::F32(self.alloc::<f32>(n)?)
+        })
+    }
+
+    /// A zeroed tensor buffer (zero bits are 0.0 in both types).
+    fn tzeros(&self, n: usize) -> Result<Storage> {
+        Ok(if self.r() == 1 {
+            Storage::Bf16(self.zeros::<u16>(n)?)
+        } else {
+            Storage::F32(self.zeros::<f32>(n)?)
+        })
     }
 
     fn alloc<T: DeviceRepr>(&self, n: usize) -> Result<CudaSlice<T>> {
@@ -576,7 +676,7 @@ impl Inner {
         Ok(self.stream.alloc_zeros::<T>(n.max(1))?)
     }
 
-    fn wrap(&self, shape: Vec<usize>, buf: CudaSlice<f32>) -> CudaTensor {
+    fn wrap(&self, shape: Vec<usize>, buf: Storage) -> CudaTensor {
         CudaTensor {
             shape,
             buf: Arc::new(DeviceBuf(buf)),
@@ -632,7 +732,7 @@ impl Inner {
         let (br, bc) = if g.transb { (g.n, g.k) } else { (g.k, g.n) };
         let a_l = lt::create_matrix_layout(g.a_type, ar, ac, g.lda)?;
         let b_l = lt::create_matrix_layout(g.b_type, br, bc, g.ldb)?;
-        let d_l = lt::create_matrix_layout(f32t, g.m, g.n, g.ldd)?;
+        let d_l = lt::create_matrix_layout(g.epi.d_type, g.m, g.n, g.ldd)?;
         let desc = lt::create_matmul_desc(ltsys::cublasComputeType_t::CUBLAS_COMPUTE_32F, f32t)?;
         let pref = lt::create_matmul_pref()?;
         let ws_ptr = self.ptr(&blas.workspace);
@@ -671,6 +771,55 @@ impl Inner {
                         8,
                     )?;
                 }
+                if g.epi.a_scale_vec != 0 {
+                    // cublasLtMatmulMatrixScale_t OUTER_VEC_32F: one f32 per row of op(A).
+                    let mode = 3i32;
+                    lt::set_matmul_desc_attribute(
+                        desc,
+                        A::CUBLASLT_MATMUL_DESC_A_SCALE_MODE,
+                        &mode as *const i32 as *const c_void,
+                        4,
+                    )?;
+                    lt::set_matmul_desc_attribute(
+                        desc,
+                        A::CUBLASLT_MATMUL_DESC_A_SCALE_POINTER,
+                        &g.epi.a_scale_vec as *const u64 as *const c_void,
+                        8,
+                    )?;
+                }
+                if g.epi.alpha_vec != 0 {
+                    // cublasLtPointerMode_t ALPHA_DEVICE_VECTOR_BETA_ZERO.
+                    let mode = 3i32;
+                    lt::set_matmul_desc_attribute(
+                        desc,
+                        A::CUBLASLT_MATMUL_DESC_POINTER_MODE,
+                        &mode as *const i32 as *const c_void,
+                        4,
+                    )?;
+                }
+                if g.epi.a_scale != 0 {
+                    lt::set_matmul_desc_attribute(
+                        desc,
+                        A::CUBLASLT_MATMUL_DESC_A_SCALE_POINTER,
+                        &g.epi.a_scale as *const u64 as *const c_void,
+                        8,
+                    )?;
+                }
+                if g.epi.bias != 0 {
+                    let epilogue = ltsys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS as u32;
+                    lt::set_matmul_desc_attribute(
+                        desc,
+                        A::CUBLASLT_MATMUL_DESC_EPILOGUE,
+                        &epilogue as *const u32 as *const c_void,
+                        4,
+                    )?;
+                    lt::set_matmul_desc_attribute(
+                        desc,
+                        A::CUBLASLT_MATMUL_DESC_BIAS_POINTER,
+                        &g.epi.bias as *const u64 as *const c_void,
+                        8,
+                    )?;
+                }
                 let ws = WORKSPACE_BYTES;
                 lt::set_matmul_pref_attribute(
                     pref,
@@ -693,7 +842,18 @@ impl Inner {
                     g.ldb,
                     g.ldd,
                     g.b_scale != 0
-                );
+                ) + &if g.epi.is_fused() {
+                    format!(
+                        " fused {:?} {} {} {} {}",
+                        g.epi.d_type,
+                        g.epi.a_scale_vec != 0,
+                        g.epi.alpha_vec != 0,
+                        g.epi.a_scale != 0,
+                        g.epi.bias != 0
+                    )
+                } else {
+                    String::new()
+                };
                 let cached = self.algo_cache.borrow().get(&key).copied();
                 let algo = match cached {
                     Some(a) => a,
@@ -718,10 +878,17 @@ impl Inner {
                     }
                 };
                 let (alpha, beta) = (g.alpha, 0.0f32);
+                // With an alpha vector, alpha is its device pointer (beta is zero and
+                // not read).
+                let alpha_ptr = if g.epi.alpha_vec != 0 {
+                    g.epi.alpha_vec as *const c_void
+                } else {
+                    &alpha as *const f32 as *const c_void
+                };
                 lt::matmul(
                     blas.handle,
                     desc,
-                    &alpha as *const f32 as *const c_void,
+                    alpha_ptr,
                     &beta as *const f32 as *const c_void,
                     g.a as *const c_void,
                     a_l,
@@ -754,13 +921,13 @@ impl Inner {
 
     fn unary(&self, x: &CudaTensor, op: i32, a: f32, b: f32) -> Result<CudaTensor> {
         let n = x.numel();
-        let out = self.alloc::<f32>(n)?;
+        let out = self.talloc(n)?;
         self.launch(
             "unary_f32",
             Self::grid(n),
             &[
                 Arg::P(self.tp(x)),
-                Arg::P(self.ptr(&out)),
+                Arg::P(self.sptr(&out)),
                 Arg::U(n as u64),
                 Arg::I(op),
                 Arg::F(a),
@@ -780,14 +947,14 @@ impl Inner {
         s: f32,
     ) -> Result<CudaTensor> {
         let n = a.numel();
-        let out = self.alloc::<f32>(n)?;
+        let out = self.talloc(n)?;
         self.launch(
             "binary_f32",
             Self::grid(n),
             &[
                 Arg::P(self.tp(a)),
                 Arg::P(self.tp(b)),
-                Arg::P(self.ptr(&out)),
+                Arg::P(self.sptr(&out)),
                 Arg::U(n as u64),
                 Arg::U(period.max(1) as u64),
                 Arg::I(op),
@@ -836,6 +1003,7 @@ impl Inner {
                 Arg::U(width as u64),
                 Arg::U(src_pitch as u64),
                 Arg::U(dst_pitch as u64),
+                Arg::I(self.r()),
             ],
         )
     }
@@ -853,6 +1021,7 @@ impl Inner {
                 Arg::U(n as u64),
                 Arg::F(scale),
                 Arg::I(fmt_code(format)),
+                Arg::I(self.r()),
             ],
         )?;
         let mut v = self.stream.clone_dtoh(&q)?;
@@ -860,7 +1029,14 @@ impl Inner {
         Ok(v)
     }
 
-    fn fake_quantize(&self, x: &CudaTensor, format: Fp8Format, scale: f32) -> Result<CudaTensor> {
+    /// FP8 quantize + dequantize of a tensor into an f32 buffer (scaled FP8 values are
+    /// not BF16 values in general): the input of the emulated path's f32 GEMM.
+    fn fake_quantize(
+        &self,
+        x: &CudaTensor,
+        format: Fp8Format,
+        scale: f32,
+    ) -> Result<CudaSlice<f32>> {
         let n = x.numel();
         let q = self.alloc::<u8>(n)?;
         let out = self.alloc::<f32>(n)?;
@@ -873,6 +1049,7 @@ impl Inner {
                 Arg::U(n as u64),
                 Arg::F(scale),
                 Arg::I(fmt_code(format)),
+                Arg::I(self.r()),
             ],
         )?;
         self.launch(
@@ -886,7 +1063,7 @@ impl Inner {
                 Arg::I(fmt_code(format)),
             ],
         )?;
-        Ok(self.wrap(x.shape.clone(), out))
+        Ok(out)
     }
 
     fn upload_f32(&self, v: &[f32]) -> Result<CudaSlice<f32>> {
@@ -1028,7 +1205,50 @@ impl Inner {
             spec: spec.clone(),
             kind,
             bias,
+            bias16: std::sync::OnceLock::new(),
+            wscale_uniform: std::sync::OnceLock::new(),
         })
+    }
+
+    /// The layer's bias as BF16 (converted once, on the GPU).
+    fn bias16<'a>(&self, layer: &'a CudaLinear, b: &CudaSlice<f32>) -> Result<&'a CudaSlice<u16>> {
+        if let Some(h) = layer.bias16.get() {
+            return Ok(h);
+        }
+        let n = b.len();
+        let h = self.alloc::<u16>(n)?;
+        self.launch(
+            "f32_to_bf16",
+            Self::grid(n),
+            &[Arg::P(self.ptr(b)), Arg::P(self.ptr(&h)), Arg::U(n as u64)],
+        )?;
+        let _ = layer.bias16.set(h);
+        layer
+            .bias16
+            .get()
+            .ok_or_else(|| CudaError::Driver("bias16 not set".into()))
+    }
+
+    /// The common weight scale of an FP8 layer whose channel scales are all equal (read
+    /// back once per layer, on its first call).
+    fn uniform_scale<'a>(&self, layer: &'a CudaLinear) -> Result<Option<&'a CudaSlice<f32>>> {
+        if let Some(u) = layer.wscale_uniform.get() {
+            return Ok(u.as_ref());
+        }
+        let u = match &layer.kind {
+            LinearKind::Fp8 { wscale, .. } => {
+                let v = self.stream.clone_dtoh(wscale)?;
+                match v.first() {
+                    Some(&s0) if v.iter().all(|&s| s.to_bits() == s0.to_bits()) => {
+                        Some(self.upload_f32(&[s0])?)
+                    }
+                    _ => None,
+                }
+            }
+            _ => None,
+        };
+        let _ = layer.wscale_uniform.set(u);
+        Ok(layer.wscale_uniform.get().and_then(|u| u.as_ref()))
     }
 
     fn linear_impl(&self, x: &CudaTensor, layer: &CudaLinear) -> Result<CudaTensor> {
@@ -1040,7 +1260,6 @@ impl Inner {
             )));
         }
         let rows = x.numel() / inp.max(1);
-        let d = self.alloc::<f32>(rows * outf)?;
         let f32t = ltsys::cudaDataType::CUDA_R_32F;
         // Y^T[out, rows] (column-major) = W[out, in] (given as column-major [in, out],
         // transposed) x X^T (column-major [in, rows]).
@@ -1056,17 +1275,18 @@ impl Inner {
             b: 0,
             b_type: f32t,
             ldb: inp as i64,
-            d: self.ptr(&d),
+            d: 0,
             ldd: outf as i64,
             b_scale: 0,
             alpha: 1.0,
+            epi: GemmEpilogue::default(),
         };
         let mut colscale = 0u64;
         // Temporaries live until the end of this function (stream-ordered frees).
         let mut _tmp_bf16: Option<CudaSlice<u16>> = None;
         let mut _tmp_u8: Option<CudaSlice<u8>> = None;
         let mut _tmp_u8_shared: Option<Arc<CudaSlice<u8>>> = None;
-        let mut _tmp_f32: Option<CudaTensor> = None;
+        let mut _tmp_f32: Option<CudaSlice<f32>> = None;
         if rows > 0 {
             match &layer.kind {
                 LinearKind::F32 { w } => {
@@ -1074,21 +1294,12 @@ impl Inner {
                     g.b = self.tp(x);
                 }
                 LinearKind::Bf16 { w } => {
-                    let xb = self.alloc::<u16>(rows * inp)?;
-                    self.launch(
-                        "f32_to_bf16",
-                        Self::grid(rows * inp),
-                        &[
-                            Arg::P(self.tp(x)),
-                            Arg::P(self.ptr(&xb)),
-                            Arg::U((rows * inp) as u64),
-                        ],
-                    )?;
+                    // BF16 layers exist only in BF16/FP8 precision, whose tensors are
+                    // stored as BF16: the input is the GEMM operand as it is.
                     g.a = self.ptr(w);
                     g.a_type = ltsys::cudaDataType::CUDA_R_16BF;
-                    g.b = self.ptr(&xb);
+                    g.b = self.tp(x);
                     g.b_type = ltsys::cudaDataType::CUDA_R_16BF;
-                    _tmp_bf16 = Some(xb);
                 }
                 LinearKind::Fp8 {
                     w,
@@ -1119,6 +1330,7 @@ impl Inner {
                                     Arg::U(n as u64),
                                     Arg::P(self.ptr(act_scale_dev)),
                                     Arg::I(fc),
+                                    Arg::I(self.r()),
                                 ],
                             )?;
                             let xq = Arc::new(xq);
@@ -1158,6 +1370,7 @@ impl Inner {
                             Arg::U(n as u64),
                             Arg::F(*act_scale),
                             Arg::I(fmt_code(*act)),
+                            Arg::I(self.r()),
                         ],
                     )?;
                     self.launch(
@@ -1182,10 +1395,81 @@ impl Inner {
                 LinearKind::Fp8Emulated { w, act, act_scale } => {
                     let xf = self.fake_quantize(x, *act, *act_scale)?;
                     g.a = self.ptr(w);
-                    g.b = self.tp(&xf);
+                    g.b = self.ptr(&xf);
                     _tmp_f32 = Some(xf);
                 }
             }
+        }
+        let n = rows * outf;
+        let mut shape = x.shape.clone();
+        if let Some(l) = shape.last_mut() {
+            *l = outf;
+        }
+        // cuBLASLt's own epilogue (scales, bias, BF16 output) writes the tensor directly:
+        // no f32 intermediate, no epilogue kernel. Ways tried, each until this cuBLASLt
+        // refuses it once (then the next, at last the kernel below):
+        //   FP8: 0 = per-channel weight scale as an outer-vector A scale; 1 = as a
+        //        per-row alpha vector; 2 = layers whose channel scales are all equal:
+        //        one scalar A scale. BF16: 3 = bias + BF16 output.
+        let ways: &[usize] = match layer.kind {
+            LinearKind::Fp8 { .. } => &[0, 1, 2],
+            LinearKind::Bf16 { .. } => &[3],
+            _ => &[],
+        };
+        if rows > 0 {
+            for &way in ways {
+                let mut state = self.fused_epilogue.get();
+                if state[way] == Some(false) {
+                    continue;
+                }
+                let mut epi = GemmEpilogue {
+                    d_type: if self.r() == 1 {
+                        ltsys::cudaDataType::CUDA_R_16BF
+                    } else {
+                        f32t
+                    },
+                    bias: match &layer.bias {
+                        None => 0,
+                        Some(b) if self.r() == 1 => self.ptr(self.bias16(layer, b)?),
+                        Some(b) => self.ptr(b),
+                    },
+                    ..GemmEpilogue::default()
+                };
+                match way {
+                    0 => epi.a_scale_vec = colscale,
+                    1 => epi.alpha_vec = colscale,
+                    2 => match self.uniform_scale(layer)? {
+                        Some(sc) => epi.a_scale = self.ptr(sc),
+                        None => continue,
+                    },
+                    _ => {}
+                }
+                let out = self.talloc(n)?;
+                let mut gf = g;
+                gf.d = self.sptr(&out);
+                gf.epi = epi;
+                match self.gemm(gf) {
+                    Ok(()) => {
+                        state[way] = Some(true);
+                        self.fused_epilogue.set(state);
+                        return Ok(self.wrap(shape, out));
+                    }
+                    Err(e) => {
+                        // Nothing was launched (the heuristic or the matmul refused it).
+                        state[way] = Some(false);
+                        self.fused_epilogue.set(state);
+                        self.fused_epilogue_error.borrow_mut()[way] = Some(format!(
+                            "layer {} ({}): {e}",
+                            layer.spec.name,
+                            layer.kind_name()
+                        ));
+                    }
+                }
+            }
+        }
+        let d = self.alloc::<f32>(n)?;
+        if rows > 0 {
+            g.d = self.ptr(&d);
             self.gemm(g).map_err(|e| {
                 bad(format!(
                     "layer {} ({}): {e}",
@@ -1194,8 +1478,7 @@ impl Inner {
                 ))
             })?;
         }
-        let n = rows * outf;
-        let out = self.alloc::<f32>(n)?;
+        let out = self.talloc(n)?;
         self.launch(
             "linear_epilogue_f32",
             Self::grid(n),
@@ -1203,16 +1486,12 @@ impl Inner {
                 Arg::P(self.ptr(&d)),
                 Arg::P(colscale),
                 Arg::P(layer.bias.as_ref().map_or(0, |b| self.ptr(b))),
-                Arg::P(self.ptr(&out)),
+                Arg::P(self.sptr(&out)),
                 Arg::U(n as u64),
                 Arg::U(outf as u64),
                 Arg::I(self.r()),
             ],
         )?;
-        let mut shape = x.shape.clone();
-        if let Some(l) = shape.last_mut() {
-            *l = outf;
-        }
         Ok(self.wrap(shape, out))
     }
 
@@ -1235,35 +1514,26 @@ impl Inner {
         let ho = (h + 2 * p.padding - kh) / p.stride + 1;
         let wo = (wd + 2 * p.padding - kw) / p.stride + 1;
         let kk = cin * kh * kw;
+        // The GEMMs write f32 (the bias is added before the one BF16 rounding).
         let out = self.alloc::<f32>(bn * cout * ho * wo)?;
         // Bands of output rows keep the im2col buffer near 256 MiB.
         let band = ((64 << 20) / (kk * wo).max(1)).clamp(1, ho);
         let out_base = self.ptr(&out);
-        // BF16 / FP8 precision: inputs and kernels hold BF16 values, so the GEMM runs on
+        // BF16 / FP8 precision: inputs and kernels are stored as BF16, so the GEMM runs on
         // BF16 tensor cores (f32 accumulation) over a BF16 im2col; FP32 stays in f32.
         // The buffers live to the end of the function (stream-ordered frees).
-        let (col16, w16, col32);
+        let (col16, col32);
         let (im2col, dtype, col_ptr, w_ptr) = if self.precision != CudaPrecision::F32 {
             col16 = self.alloc::<u16>(kk * band * wo)?;
-            w16 = self.alloc::<u16>(w.numel())?;
-            self.launch(
-                "f32_to_bf16",
-                Self::grid(w.numel()),
-                &[
-                    Arg::P(self.tp(w)),
-                    Arg::P(self.ptr(&w16)),
-                    Arg::U(w.numel() as u64),
-                ],
-            )?;
             let bf16 = ltsys::cudaDataType::CUDA_R_16BF;
-            ("im2col_bf16", bf16, self.ptr(&col16), self.ptr(&w16))
+            ("im2col_bf16", bf16, self.ptr(&col16), self.tp(w))
         } else {
             col32 = self.alloc::<f32>(kk * band * wo)?;
             let f32t = ltsys::cudaDataType::CUDA_R_32F;
             ("im2col_f32", f32t, self.ptr(&col32), self.tp(w))
         };
         for bi in 0..bn {
-            let x_ptr = self.tp(x) + (bi * cin * h * wd * 4) as u64;
+            let x_ptr = self.tp(x) + (bi * cin * h * wd * self.es()) as u64;
             let mut r0 = 0;
             while r0 < ho {
                 let rows = band.min(ho - r0);
@@ -1303,24 +1573,28 @@ impl Inner {
                     ldd: (ho * wo) as i64,
                     b_scale: 0,
                     alpha: 1.0,
+                    epi: GemmEpilogue::default(),
                 })?;
                 r0 += rows;
             }
         }
         let n = bn * cout * ho * wo;
+        let y = self.talloc(n)?;
         self.launch(
             "channel_bias_f32",
             Self::grid(n),
             &[
                 Arg::P(out_base),
                 Arg::P(b.map_or(0, |b| self.tp(b))),
+                Arg::P(self.sptr(&y)),
                 Arg::U(n as u64),
                 Arg::U((ho * wo) as u64),
                 Arg::U(cout as u64),
                 Arg::I(self.r()),
             ],
         )?;
-        Ok(self.wrap(vec![bn, cout, ho, wo], out))
+        drop(out);
+        Ok(self.wrap(vec![bn, cout, ho, wo], y))
     }
 
     fn attention_impl(
@@ -1356,7 +1630,8 @@ impl Inner {
             && self.precision != CudaPrecision::F32
             && b * sq * sk > 0
         {
-            let out = self.alloc::<f32>(b * sq * c)?;
+            // BF16/FP8 precision only: q, k, v and the output are stored as BF16.
+            let out = self.talloc(b * sq * c)?;
             let (kernel, rows, threads) = flash_variant().kernel();
             let cfg = LaunchConfig {
                 grid_dim: (sq.div_ceil(rows) as u32, p.heads as u32, b as u32),
@@ -1370,12 +1645,11 @@ impl Inner {
                     Arg::P(self.tp(q)),
                     Arg::P(self.tp(k)),
                     Arg::P(self.tp(v)),
-                    Arg::P(self.ptr(&out)),
+                    Arg::P(self.sptr(&out)),
                     Arg::I(sq as i32),
                     Arg::I(sk as i32),
                     Arg::I(p.heads as i32),
                     Arg::F(p.scale),
-                    Arg::I(self.r()),
                 ],
             )?;
             return Ok(self.wrap(qs.clone(), out));
@@ -1395,7 +1669,7 @@ impl Inner {
         if pl > 32 {
             return Err(bad(format!("attention: head dim {d} > 1024")));
         }
-        let out = self.alloc::<f32>(b * sq * c)?;
+        let out = self.talloc(b * sq * c)?;
         let warps = b * p.heads * sq;
         let per_block = (THREADS / 32) as usize;
         let cfg = LaunchConfig {
@@ -1412,7 +1686,7 @@ impl Inner {
                     Arg::P(self.tp(k)),
                     Arg::P(self.tp(v)),
                     Arg::P(p.bias.map_or(0, |t| self.tp(t))),
-                    Arg::P(self.ptr(&out)),
+                    Arg::P(self.sptr(&out)),
                     Arg::I(b as i32),
                     Arg::I(sq as i32),
                     Arg::I(sk as i32),
@@ -1444,20 +1718,9 @@ impl Inner {
     ) -> Result<CudaTensor> {
         let c = heads * d;
         let bf = ltsys::cudaDataType::CUDA_R_16BF;
-        let cast = |t: &CudaTensor| -> Result<CudaSlice<u16>> {
-            let o = self.alloc::<u16>(t.numel())?;
-            self.launch(
-                "f32_to_bf16",
-                Self::grid(t.numel()),
-                &[
-                    Arg::P(self.tp(t)),
-                    Arg::P(self.ptr(&o)),
-                    Arg::U(t.numel() as u64),
-                ],
-            )?;
-            Ok(o)
-        };
-        let (qb, kb, vb) = (cast(q)?, cast(k)?, cast(v)?);
+        // BF16/FP8 precision only: q, k and v are stored as BF16, the GEMM operands as
+        // they are.
+        let (qb, kb, vb) = (self.tp(q), self.tp(k), self.tp(v));
         let sbuf = self.alloc::<f32>(sq * sk)?;
         let pbuf = self.alloc::<u16>(sq * sk)?;
         let d_raw = self.alloc::<f32>(b * sq * c)?;
@@ -1472,16 +1735,17 @@ impl Inner {
                     m: sk as u64,
                     n: sq as u64,
                     k: d as u64,
-                    a: self.ptr(&kb) + ko,
+                    a: kb + ko,
                     a_type: bf,
                     lda: c as i64,
-                    b: self.ptr(&qb) + qo,
+                    b: qb + qo,
                     b_type: bf,
                     ldb: c as i64,
                     d: self.ptr(&sbuf),
                     ldd: sk as i64,
                     b_scale: 0,
                     alpha: scale,
+                    epi: GemmEpilogue::default(),
                 })?;
                 self.launch(
                     "softmax_rows_bf16",
@@ -1499,7 +1763,7 @@ impl Inner {
                     m: d as u64,
                     n: sq as u64,
                     k: sk as u64,
-                    a: self.ptr(&vb) + ko,
+                    a: vb + ko,
                     a_type: bf,
                     lda: c as i64,
                     b: self.ptr(&pbuf),
@@ -1509,11 +1773,12 @@ impl Inner {
                     ldd: c as i64,
                     b_scale: 0,
                     alpha: 1.0,
+                    epi: GemmEpilogue::default(),
                 })?;
             }
         }
         let n = b * sq * c;
-        let out = self.alloc::<f32>(n)?;
+        let out = self.talloc(n)?;
         self.launch(
             "linear_epilogue_f32",
             Self::grid(n),
@@ -1521,13 +1786,13 @@ impl Inner {
                 Arg::P(self.ptr(&d_raw)),
                 Arg::P(0),
                 Arg::P(0),
-                Arg::P(self.ptr(&out)),
+                Arg::P(self.sptr(&out)),
                 Arg::U(n as u64),
                 Arg::U(c as u64),
                 Arg::I(self.r()),
             ],
         )?;
-        drop((qb, kb, vb, sbuf, pbuf, d_raw));
+        drop((sbuf, pbuf, d_raw));
         Ok(self.wrap(vec![b, sq, c], out))
     }
 
@@ -1555,15 +1820,16 @@ impl Inner {
             st[6 - n + i] = in_strides[p] as i64;
         }
         let total = x.numel();
-        let out = self.alloc::<f32>(total)?;
+        let out = self.talloc(total)?;
         if total > 0 {
             let mut args = vec![
                 Arg::P(self.tp(x)),
-                Arg::P(self.ptr(&out)),
+                Arg::P(self.sptr(&out)),
                 Arg::U(total as u64),
             ];
             args.extend(od.iter().map(|&v| Arg::L(v)));
             args.extend(st.iter().map(|&v| Arg::L(v)));
+            args.push(Arg::I(self.r()));
             self.launch("permute_f32", Self::grid(total), &args)?;
         }
         Ok(self.wrap(shape, out))
@@ -1577,7 +1843,7 @@ impl Inner {
         shape: Vec<usize>,
     ) -> Result<CudaTensor> {
         let rows = idx.len();
-        let out = self.alloc::<f32>(rows * c)?;
+        let out = self.talloc(rows * c)?;
         if rows * c > 0 {
             let ids = self.stream.clone_htod(idx)?;
             self.launch(
@@ -1586,9 +1852,10 @@ impl Inner {
                 &[
                     Arg::P(self.tp(src)),
                     Arg::P(self.ptr(&ids)),
-                    Arg::P(self.ptr(&out)),
+                    Arg::P(self.sptr(&out)),
                     Arg::U(rows as u64),
                     Arg::U(c as u64),
+                    Arg::I(self.r()),
                 ],
             )?;
         }
@@ -1602,15 +1869,32 @@ fn me<T>(r: Result<T>) -> sd_model::Result<T> {
 
 impl Inner {
     fn upload(&self, t: &HostTensor) -> sd_model::Result<CudaTensor> {
-        let mut v = t.data.clone();
-        if self.precision != CudaPrecision::F32 {
-            round_host(&mut v);
-        }
-        Ok(self.wrap(t.shape.clone(), me(self.upload_f32(&v))?))
+        let buf = if self.precision != CudaPrecision::F32 {
+            // Round to nearest even BF16, as every operation's output is.
+            let bits: Vec<u16> = t
+                .data
+                .iter()
+                .map(|&v| half::bf16::from_f32(v).to_bits())
+                .collect();
+            Storage::Bf16(if bits.is_empty() {
+                me(self.zeros::<u16>(1))?
+            } else {
+                me(self.stream.clone_htod(&bits).map_err(CudaError::from))?
+            })
+        } else {
+            Storage::F32(me(self.upload_f32(&t.data))?)
+        };
+        Ok(self.wrap(t.shape.clone(), buf))
     }
 
     fn download(&self, t: &CudaTensor) -> sd_model::Result<HostTensor> {
-        let mut data = me(self.stream.clone_dtoh(&t.buf.0).map_err(CudaError::from))?;
+        let mut data = match &t.buf.0 {
+            Storage::F32(b) => me(self.stream.clone_dtoh(b).map_err(CudaError::from))?,
+            Storage::Bf16(b) => me(self.stream.clone_dtoh(b).map_err(CudaError::from))?
+                .into_iter()
+                .map(|h| half::bf16::from_bits(h).to_f32())
+                .collect(),
+        };
         data.truncate(t.numel());
         Ok(HostTensor {
             shape: t.shape.clone(),
@@ -1620,7 +1904,7 @@ impl Inner {
 
     fn load_param(&self, w: &WeightTensor<'_>) -> sd_model::Result<CudaTensor> {
         self.param_bytes
-            .set(self.param_bytes.get() + 4 * w.numel() as u64);
+            .set(self.param_bytes.get() + (self.es() * w.numel()) as u64);
         self.upload(&w.to_host())
     }
 
@@ -1660,7 +1944,7 @@ impl Inner {
     ) -> sd_model::Result<CudaTensor> {
         let c = *x.shape.last().unwrap_or(&1);
         let rows = x.numel() / c.max(1);
-        let out = me(self.alloc::<f32>(x.numel()))?;
+        let out = me(self.talloc(x.numel()))?;
         if rows > 0 {
             me(self.launch(
                 "layer_norm_f32",
@@ -1669,7 +1953,7 @@ impl Inner {
                     Arg::P(self.tp(x)),
                     Arg::P(gamma.map_or(0, |g| self.tp(g))),
                     Arg::P(beta.map_or(0, |b| self.tp(b))),
-                    Arg::P(self.ptr(&out)),
+                    Arg::P(self.sptr(&out)),
                     Arg::I(c as i32),
                     Arg::F(eps),
                     Arg::I(self.r()),
@@ -1688,7 +1972,7 @@ impl Inner {
         let (b, c) = me(Self::batch_channels(&x.shape, &shift.shape, "modulate"))?;
         me(Self::same(&shift.shape, &scale.shape, "modulate"))?;
         let n = x.numel();
-        let out = me(self.alloc::<f32>(n))?;
+        let out = me(self.talloc(n))?;
         me(self.launch(
             "modulate_f32",
             Self::grid(n),
@@ -1696,7 +1980,7 @@ impl Inner {
                 Arg::P(self.tp(x)),
                 Arg::P(self.tp(shift)),
                 Arg::P(self.tp(scale)),
-                Arg::P(self.ptr(&out)),
+                Arg::P(self.sptr(&out)),
                 Arg::U(n as u64),
                 Arg::U((n / b.max(1)) as u64),
                 Arg::U(c as u64),
@@ -1714,7 +1998,7 @@ impl Inner {
     ) -> sd_model::Result<CudaTensor> {
         let c = *x.shape.last().unwrap_or(&1);
         let rows = x.numel() / c.max(1);
-        let out = me(self.alloc::<f32>(x.numel()))?;
+        let out = me(self.talloc(x.numel()))?;
         if rows > 0 && c <= 1024 {
             // Short rows (per-head qk norm: 64 values): one warp per row.
             me(self.launch(
@@ -1723,7 +2007,7 @@ impl Inner {
                 &[
                     Arg::P(self.tp(x)),
                     Arg::P(gamma.map_or(0, |g| self.tp(g))),
-                    Arg::P(self.ptr(&out)),
+                    Arg::P(self.sptr(&out)),
                     Arg::U(rows as u64),
                     Arg::I(c as i32),
                     Arg::F(eps),
@@ -1737,7 +2021,7 @@ impl Inner {
                 &[
                     Arg::P(self.tp(x)),
                     Arg::P(gamma.map_or(0, |g| self.tp(g))),
-                    Arg::P(self.ptr(&out)),
+                    Arg::P(self.sptr(&out)),
                     Arg::I(c as i32),
                     Arg::F(eps),
                     Arg::I(self.r()),
@@ -1761,7 +2045,7 @@ impl Inner {
                 "group_norm: shape {s:?} with {groups} groups"
             )));
         }
-        let out = me(self.alloc::<f32>(x.numel()))?;
+        let out = me(self.talloc(x.numel()))?;
         let len = (s[1] / groups) * s[2] * s[3];
         let blocks = s[0] * groups;
         let chunks = (len / 16384).clamp(1, 256);
@@ -1782,6 +2066,7 @@ impl Inner {
                     Arg::P(self.tp(x)),
                     Arg::P(self.ptr(&psum)),
                     Arg::U(len as u64),
+                    Arg::I(self.r()),
                 ],
             ))?;
             me(self.launch(
@@ -1792,6 +2077,7 @@ impl Inner {
                     Arg::P(self.ptr(&psum)),
                     Arg::P(self.ptr(&pvar)),
                     Arg::U(len as u64),
+                    Arg::I(self.r()),
                 ],
             ))?;
             me(self.launch(
@@ -1803,7 +2089,7 @@ impl Inner {
                     Arg::P(self.ptr(&pvar)),
                     Arg::P(self.tp(gamma)),
                     Arg::P(self.tp(beta)),
-                    Arg::P(self.ptr(&out)),
+                    Arg::P(self.sptr(&out)),
                     Arg::I(groups as i32),
                     Arg::I((s[1] / groups) as i32),
                     Arg::U((s[2] * s[3]) as u64),
@@ -1820,7 +2106,7 @@ impl Inner {
                 Arg::P(self.tp(x)),
                 Arg::P(self.tp(gamma)),
                 Arg::P(self.tp(beta)),
-                Arg::P(self.ptr(&out)),
+                Arg::P(self.sptr(&out)),
                 Arg::I(groups as i32),
                 Arg::I((s[1] / groups) as i32),
                 Arg::U((s[2] * s[3]) as u64),
@@ -1847,17 +2133,18 @@ impl Inner {
             return Err(ModelError::backend("upsample: expected [B, C, H, W]"));
         }
         let n = x.numel() * 4;
-        let out = me(self.alloc::<f32>(n))?;
+        let out = me(self.talloc(n))?;
         if n > 0 {
             me(self.launch(
                 "upsample2x_f32",
                 Self::grid(n),
                 &[
                     Arg::P(self.tp(x)),
-                    Arg::P(self.ptr(&out)),
+                    Arg::P(self.sptr(&out)),
                     Arg::U((s[0] * s[1]) as u64),
                     Arg::U(s[2] as u64),
                     Arg::U(s[3] as u64),
+                    Arg::I(self.r()),
                 ],
             ))?;
         }
@@ -1934,7 +2221,7 @@ impl Inner {
         me(Self::same(&x.shape, &y.shape, "gated_add"))?;
         let (b, c) = me(Self::batch_channels(&x.shape, &gate.shape, "gated_add"))?;
         let n = x.numel();
-        let out = me(self.alloc::<f32>(n))?;
+        let out = me(self.talloc(n))?;
         me(self.launch(
             "gated_add_f32",
             Self::grid(n),
@@ -1942,7 +2229,7 @@ impl Inner {
                 Arg::P(self.tp(x)),
                 Arg::P(self.tp(gate)),
                 Arg::P(self.tp(y)),
-                Arg::P(self.ptr(&out)),
+                Arg::P(self.sptr(&out)),
                 Arg::U(n as u64),
                 Arg::U((n / b.max(1)) as u64),
                 Arg::U(c as u64),
@@ -1969,14 +2256,14 @@ impl Inner {
         let outer: usize = s0[..dim].iter().product();
         let inner: usize = s0[dim + 1..].iter().product();
         let total: usize = parts.iter().map(|p| p.shape[dim]).sum();
-        let out = me(self.alloc::<f32>(outer * total * inner))?;
-        let base = self.ptr(&out);
+        let out = me(self.talloc(outer * total * inner))?;
+        let base = self.sptr(&out);
         let mut off = 0usize;
         for p in parts {
             let width = p.shape[dim] * inner;
             me(self.copy2d(
                 self.tp(p),
-                base + (off * 4) as u64,
+                base + (off * self.es()) as u64,
                 outer,
                 width,
                 width,
@@ -2004,10 +2291,10 @@ impl Inner {
         }
         let outer: usize = s[..dim].iter().product();
         let inner: usize = s[dim + 1..].iter().product();
-        let out = me(self.alloc::<f32>(outer * len * inner))?;
+        let out = me(self.talloc(outer * len * inner))?;
         me(self.copy2d(
-            self.tp(x) + (start * inner * 4) as u64,
-            self.ptr(&out),
+            self.tp(x) + (start * inner * self.es()) as u64,
+            self.sptr(&out),
             outer,
             len * inner,
             s[dim] * inner,
@@ -2028,8 +2315,8 @@ impl Inner {
             return Err(ModelError::backend(format!("pad_last: {c} > {size}")));
         }
         let rows = x.numel() / c.max(1);
-        let out = me(self.zeros::<f32>(rows * size))?;
-        me(self.copy2d(self.tp(x), self.ptr(&out), rows, c, c, size))?;
+        let out = me(self.tzeros(rows * size))?;
+        me(self.copy2d(self.tp(x), self.sptr(&out), rows, c, c, size))?;
         let mut shape = x.shape.clone();
         if let Some(l) = shape.last_mut() {
             *l = size;
@@ -2303,6 +2590,33 @@ impl CudaBackend {
                 .unwrap_or_default();
             v.sort_by(|a, b| b.2.total_cmp(&a.2));
             v
+        })
+    }
+
+    /// Whether linear layers run through cuBLASLt's fused epilogue (per-channel FP8
+    /// weight scale, bias, BF16 output) or the separate epilogue kernel, and why not.
+    pub fn fused_epilogue(&self) -> Result<String> {
+        self.run(|i| {
+            let st = i.fused_epilogue.get();
+            let err = i.fused_epilogue_error.borrow();
+            let names = [
+                "FP8 outer-vector A scale",
+                "FP8 alpha vector",
+                "FP8 uniform scalar A scale",
+                "BF16",
+            ];
+            let parts: Vec<String> = (0..4)
+                .map(|w| {
+                    let what = match (st[w], err[w].as_ref()) {
+                        (Some(true), _) => "used".to_string(),
+                        (Some(false), Some(e)) => format!("refused ({e})"),
+                        (Some(false), None) => "off (SD_CUDA_FUSED_EPILOGUE=0)".into(),
+                        (None, _) => "not tried".into(),
+                    };
+                    format!("{}: {what}", names[w])
+                })
+                .collect();
+            format!("cuBLASLt epilogue ways: {}", parts.join("; "))
         })
     }
 
