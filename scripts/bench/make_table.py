@@ -85,7 +85,7 @@ def main():
     gpus = list(dict.fromkeys(read(os.path.join(w, "nvidia-smi.csv"), "unknown GPU") for w in works))
     dates = list(dict.fromkeys(read(os.path.join(w, "date.txt"), "unknown date") for w in works))
     gpu, date = " / ".join(gpus), ", ".join(dates)
-    ours, before, pipeline = [], [], []
+    ours, before, pipeline, variants = [], [], [], []
     attention, vae, fp8_vs_bf16, errors = [], [], [], []
     for work in works:
         for m in ("medium", "large", "pipeline"):
@@ -102,12 +102,17 @@ def main():
             d = load_json(os.path.join(work, f"bench-before-{m}.json"))
             if d:
                 before += d.get("transformer", [])
+            for v in ("variant", "variant2", "variant3"):
+                d = load_json(os.path.join(work, f"bench-{v}-{m}.json"))
+                if d:
+                    variants += d.get("transformer", [])
     peer = []
     for work in works:
         for m in ("medium", "large", "e2e", "text"):
             peer += load_jsonl(os.path.join(work, f"peer-{m}.jsonl"))
     results = {
         "device": gpu, "date": date, "sd_cuda": ours, "sd_cuda_before": before,
+        "sd_cuda_variants": variants,
         "pipeline": pipeline, "attention": attention, "vae": vae,
         "fp8_vs_bf16": fp8_vs_bf16, "errors": errors, "peer": peer,
     }
@@ -163,6 +168,12 @@ def main():
                 L.append(f"| sd-cuda {r['precision'].upper()}, exact attention kernel (before this issue's work) | "
                          f"{ex:.0f} | {(e_ms / ex if e_ms else 0):.2f}x | {(c_ms / ex if c_ms else 0):.2f}x | "
                          f"{FLOP[model] / ex / 1e9:.0f} | | |")
+        for r in sorted((r for r in variants if r.get("model") == model),
+                        key=lambda r: r["precision"], reverse=True):
+            ms = r["step_ms_median"]
+            L.append(f"| sd-cuda {r['precision'].upper()}, {r.get('variant', 'variant')} | {ms:.1f} | "
+                     f"{(e_ms / ms if e_ms else 0):.2f}x | {(c_ms / ms if c_ms else 0):.2f}x | "
+                     f"{FLOP[model] / ms / 1e9:.0f} | {r['peak_gib']:.2f} | {r['param_gib']:.2f} |")
         for r in sorted((r for r in before if r.get("model") == model),
                         key=lambda r: r["precision"], reverse=True):
             ms = r["step_ms_median"]

@@ -17,6 +17,12 @@
 #            before-medium / before-large: the same with $SD_BIN/bench-before (a build of
 #                                  the engine before a change), for before/after figures
 #                                  from one call
+#            medium-nofuse / large-nofuse: the engine with SD_CUDA_FUSED_EPILOGUE=0 (linear
+#                                  layers through the epilogue kernel instead of
+#                                  cuBLASLt's epilogue), to attribute that change
+#            medium-perchannel / large-perchannel: FP8 with per-output-channel weight scales
+#                                  (the default plan has one scale per tensor)
+#            medium-fp8adaln / large-fp8adaln: FP8 with the adaLN modulation layers in FP8
 #            pipeline:             sd-cuda whole SD3.5-medium pipeline: text encoders and
 #                                  a full 28-step image
 #            peer-medium / peer-large: ../shared/peer/sd35_peer.py for that model
@@ -24,11 +30,15 @@
 #            peer-text:            peer_text.py (diffusers' text encoders per stage)
 #            tests:                the per-op GPU tests + tiny-model images (gpu_tests)
 #            tests-flash:          the attention tests with the other flash tilings
+#            tests-before:         gpu_tests from $SD_BIN/gpu_tests-before (same machine)
+#            tests-shapes:         the tests on models/tiny-sd35m-shapes with the real
+#                                  calibration cache $SD_GPU_TEST_CALIBRATION (if set)
 #   PEER_COMPILE_MEDIUM=1 / PEER_COMPILE_LARGE=1   add torch.compile to that peer run
 #   BENCH_ITERS (12)
-# Results in $OUT: the raw figures of every stage that ran (bench-*.json, peer-*.jsonl,
-# nvidia-smi.csv, date.txt: what make_table.py merges, also across calls), run.log,
-# gpu_tests.txt, and from make_table.py: results.json, table.md, profile.md.
+# Results in $OUT (at most 8 files come back from the device tool): raw.tgz (the raw
+# figures of every stage that ran: bench-*.json, peer-*.jsonl, nvidia-smi.csv, date.txt;
+# what make_table.py merges, also across calls), run.log, gpu_tests*.txt, and from
+# make_table.py: results.json, table.md, profile.md.
 set -uo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 cd "${SD_ROOT:-$HERE/../..}"
@@ -36,8 +46,8 @@ BIN=${SD_BIN:-.carry}
 
 if [[ "${1:-}" == "--device" ]]; then
     OUT=${OUT:-/tmp/sd-bench-out}
-    W=$OUT   # every raw file comes back, so calls can be merged afterwards
-    mkdir -p "$OUT"
+    W=/tmp/sd-bench-raw   # packed into $OUT/raw.tgz at the end
+    rm -rf "$W"; mkdir -p "$OUT" "$W"
     exec > >(tee -a "$OUT/run.log") 2>&1
     SP=$(python3 -c 'import site;print(site.getsitepackages()[0])')
     export LD_LIBRARY_PATH=$(find "$SP/nvidia" -name lib -type d | tr '\n' ':')${LD_LIBRARY_PATH:-}
@@ -76,6 +86,24 @@ if [[ "${1:-}" == "--device" ]]; then
                            --no-vae --no-attention --no-exact;
                        echo "bench-before exit $?"; cp /tmp/b-$stage/bench.json "$W/bench-$stage.json"
                    else echo "no $BIN/bench-before"; fi ;;
+            medium-nofuse|large-nofuse)
+                   m=${stage%-nofuse}
+                   SD_CUDA_FUSED_EPILOGUE=0 $TO "$BIN/bench" /tmp/b-$stage --models sd3.5-$m --iters "$ITERS" \
+                       --no-vae --no-attention --no-exact --no-pipeline \
+                       --label "linear epilogue kernel (SD_CUDA_FUSED_EPILOGUE=0)";
+                   echo "bench exit $?"; cp /tmp/b-$stage/bench.json "$W/bench-variant-$m.json" ;;
+            medium-perchannel|large-perchannel)
+                   m=${stage%-perchannel}
+                   $TO "$BIN/bench" /tmp/b-$stage --models sd3.5-$m --iters "$ITERS" --precisions fp8 \
+                       --no-vae --no-attention --no-exact --no-pipeline --per-channel \
+                       --label "per-channel FP8 weight scales (as calibration makes them)";
+                   echo "bench exit $?"; cp /tmp/b-$stage/bench.json "$W/bench-variant2-$m.json" ;;
+            medium-fp8adaln|large-fp8adaln)
+                   m=${stage%-fp8adaln}
+                   $TO "$BIN/bench" /tmp/b-$stage --models sd3.5-$m --iters "$ITERS" --precisions fp8 \
+                       --no-vae --no-attention --no-exact --no-pipeline --fp8-adaln \
+                       --label "adaLN modulation layers in FP8 too";
+                   echo "bench exit $?"; cp /tmp/b-$stage/bench.json "$W/bench-variant3-$m.json" ;;
             pipeline) $TO "$BIN/bench" /tmp/b-pipe --models "" --iters "$ITERS" --no-vae \
                         --no-attention --tokenizers models/tiny-sd35m;
                       echo "bench exit $?"; cp /tmp/b-pipe/bench.json "$W/bench-pipeline.json" ;;
@@ -89,6 +117,19 @@ if [[ "${1:-}" == "--device" ]]; then
             tests) mkdir -p /tmp/gt && $TO "$BIN/gpu_tests" models/tiny-sd35m /tmp/gt >/tmp/gt/log.txt 2>&1;
                    echo "gpu_tests exit $?"; cp /tmp/gt/gpu_tests.txt "$OUT/gpu_tests.txt";
                    grep -E "^(FAIL|PASS)" /tmp/gt/gpu_tests.txt | cut -c1-150 ;;
+            tests-before)
+                   # The same suite built from the engine before a change, same machine.
+                   if [[ -x "$BIN/gpu_tests-before" ]]; then
+                       mkdir -p /tmp/gtb && $TO "$BIN/gpu_tests-before" models/tiny-sd35m /tmp/gtb >/tmp/gtb/log.txt 2>&1;
+                       echo "gpu_tests-before exit $?"; cp /tmp/gtb/gpu_tests.txt "$OUT/gpu_tests-before.txt";
+                       grep -E "^(FAIL|PASS) pipeline" /tmp/gtb/gpu_tests.txt | cut -c1-150
+                   else echo "no $BIN/gpu_tests-before"; fi ;;
+            tests-shapes)
+                   if [[ -n "${SD_GPU_TEST_CALIBRATION:-}" ]]; then
+                       mkdir -p /tmp/gts && $TO "$BIN/gpu_tests" models/tiny-sd35m-shapes /tmp/gts >/tmp/gts/log.txt 2>&1;
+                       echo "gpu_tests (shapes) exit $?"; cp /tmp/gts/gpu_tests.txt "$OUT/gpu_tests-shapes.txt";
+                       grep -E "^(FAIL|PASS)" /tmp/gts/gpu_tests.txt | cut -c1-150
+                   else echo "SD_GPU_TEST_CALIBRATION not set"; fi ;;
             tests-flash)
                    # The other flash-attention tilings against the CPU too (attention lines).
                    for fv in 0 2; do
@@ -99,6 +140,7 @@ if [[ "${1:-}" == "--device" ]]; then
         esac
         echo "=== stage $stage took $(( $(date +%s) - t0 )) s"
     done
+    tar czf "$OUT/raw.tgz" -C "$W" .
     python3 "$HERE/make_table.py" "$W" "$OUT" || true
     exit 0
 fi

@@ -5,7 +5,8 @@
 //! ```text
 //! bench OUT_DIR [--models sd3.5-medium,sd3.5-large] [--precisions fp8,bf16]
 //!               [--iters 12] [--warmup 3] [--no-vae] [--no-exact] [--no-attention]
-//!               [--no-pipeline] [--tokenizers models/tiny-sd35m]
+//!               [--no-pipeline] [--tokenizers models/tiny-sd35m] [--label TEXT]
+//!               [--per-channel] [--fp8-adaln]
 //! ```
 //!
 //! Timing: CUDA events recorded on the backend's stream before and after one whole
@@ -167,34 +168,70 @@ fn config(name: &str) -> R<TransformerConfig> {
 }
 
 /// Layers kept out of FP8 (the calibration defaults): embedders, the output norm and
-/// projection, and the adaLN modulation layers.
-fn excluded(layer: &str) -> bool {
+/// projection, and (unless `adaln`) the adaLN modulation layers.
+fn excluded(layer: &str, adaln: bool) -> bool {
     layer.starts_with("pos_embed.")
         || layer.starts_with("time_text_embed.")
         || layer == "context_embedder"
         || layer == "norm_out.linear"
         || layer == "proj_out"
-        || layer.ends_with(".norm1.linear")
-        || layer.ends_with(".norm1_context.linear")
+        || (!adaln
+            && (layer.ends_with(".norm1.linear") || layer.ends_with(".norm1_context.linear")))
 }
 
 /// Every other linear layer in FP8: E4M3 weights with the scale of their init range
-/// (amax 1/sqrt(fan_in)), E4M3 inputs with a static scale (amax 16).
-fn fp8_plan(cfg: &TransformerConfig) -> PrecisionPlan {
+/// (amax 1/sqrt(fan_in)), E4M3 inputs with a static scale (amax 16). `per_channel`: one
+/// weight scale per output channel instead (what calibration produces), 0.95-1.0 x the
+/// init range, so that they differ from channel to channel.
+fn fp8_plan(cfg: &TransformerConfig, per_channel: bool, adaln: bool) -> PrecisionPlan {
     let d = cfg.inner_dim();
     let mut plan = PrecisionPlan::default();
     for l in Mmdit::<CudaBackend>::linear_layer_names(cfg) {
-        if excluded(&l) {
+        if excluded(&l, adaln) {
             continue;
         }
         let fan_in = if l.ends_with("net.2") { 4 * d } else { d };
+        let out = if l.ends_with("net.0.proj") {
+            4 * d
+        } else if l.ends_with(".norm1.linear") {
+            // adaLN-Zero: 6 chunks, 9 with a second (dual) attention.
+            let i: usize = l
+                .split('.')
+                .nth(1)
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+            if cfg.dual_attention_layers.contains(&i) {
+                9 * d
+            } else {
+                6 * d
+            }
+        } else if l.ends_with(".norm1_context.linear") {
+            // The last block's context stream only needs scale and shift.
+            if l == format!(
+                "transformer_blocks.{}.norm1_context.linear",
+                cfg.num_layers - 1
+            ) {
+                2 * d
+            } else {
+                6 * d
+            }
+        } else {
+            d
+        };
         let amax = 1.0 / (fan_in as f32).sqrt();
+        let scales = if per_channel {
+            (0..out)
+                .map(|c| amax * (1.0 - 0.05 * (c % 11) as f32 / 10.0) / 448.0)
+                .collect()
+        } else {
+            vec![amax / 448.0]
+        };
         plan.layers.insert(
             l,
             LinearQuant::Fp8 {
                 weight: WeightQuant {
                     format: Fp8Format::E4M3,
-                    scales: vec![amax / 448.0],
+                    scales,
                 },
                 input: ActivationQuant {
                     format: Fp8Format::E4M3,
@@ -265,6 +302,12 @@ struct Opts {
     iters: usize,
     warmup: usize,
     exact: bool,
+    /// What distinguishes this run's engine (recorded as "variant").
+    label: Option<String>,
+    /// FP8 weight scales per output channel instead of per tensor.
+    per_channel: bool,
+    /// The adaLN modulation layers in FP8 too (Model Optimizer quantizes them).
+    fp8_adaln: bool,
 }
 
 fn profile_json(b: &CudaBackend) -> R<Value> {
@@ -290,7 +333,7 @@ fn bench_transformer(
         p => return Err(format!("precision {p}?").into()),
     };
     let plan = if prec == CudaPrecision::Fp8 {
-        fp8_plan(&cfg)
+        fp8_plan(&cfg, o.per_channel, o.fp8_adaln)
     } else {
         PrecisionPlan::default()
     };
@@ -356,13 +399,18 @@ fn bench_transformer(
         "param_gib": (gib(after_load.param_bytes) * 1000.0).round() / 1000.0,
         "weights_resident_gib": (gib(after_load.used) * 1000.0).round() / 1000.0,
         "fp8_layers": plan.fp8_layer_count(),
+        "fp8_weight_scales": if o.per_channel { "per output channel" } else { "per tensor" },
         "load_s": (load_s * 10.0).round() / 10.0,
         "warmup_s": (warm_s * 10.0).round() / 10.0,
         "profiled_step_ms": (prof_ms * 10.0).round() / 10.0,
         "profile": prof,
         "gpu": b.gpu_name(),
         "attention": format!("flash (mma.sync bf16, head dim 64): {}", flash_variant().name()),
+        "linear_epilogue": b.fused_epilogue()?,
     });
+    if let Some(l) = &o.label {
+        rec["variant"] = json!(l);
+    }
     // The same step with the exact reference attention (the engine before flash
     // attention), once, and how far the flash output is from it.
     if o.exact && model == "sd3.5-medium" {
@@ -569,7 +617,7 @@ fn bench_pipeline(bench: &mut Bench, o: &Opts, tokenizers: &std::path::Path) -> 
             ..SchedulerConfig::default()
         },
     };
-    let plan = fp8_plan(&configs.transformer);
+    let plan = fp8_plan(&configs.transformer, o.per_channel, o.fp8_adaln);
     let toks = Tokenizers::load(tokenizers, true)?;
     let b = CudaBackend::new(0, CudaPrecision::Fp8)?;
     let t0 = Instant::now();
@@ -672,6 +720,9 @@ fn main() -> R<()> {
         iters: 12,
         warmup: 3,
         exact: true,
+        label: None,
+        per_channel: false,
+        fp8_adaln: false,
     };
     let mut vae = true;
     let mut attn = true;
@@ -694,6 +745,9 @@ fn main() -> R<()> {
             "--no-attention" => attn = false,
             "--no-exact" => o.exact = false,
             "--no-pipeline" => pipeline = false,
+            "--label" => o.label = Some(val()?),
+            "--per-channel" => o.per_channel = true,
+            "--fp8-adaln" => o.fp8_adaln = true,
             "--tokenizers" => tokenizers = PathBuf::from(val()?),
             other => return Err(format!("unknown option {other}").into()),
         }
