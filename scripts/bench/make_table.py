@@ -58,7 +58,7 @@ def category(op):
     if op.startswith("linear fp8"):
         return "linear FP8 (quantize + GEMM + epilogue)"
     if op.startswith("linear bf16"):
-        return "linear BF16 (cast + GEMM + epilogue)"
+        return "linear BF16 (GEMM + epilogue)"
     if op.startswith("linear"):
         return "linear other"
     if op.startswith("attention"):
@@ -126,8 +126,11 @@ def main():
         return None
 
     L = []
-    L.append("# SD3.5 transformer step: sd-cuda vs diffusers, one device run\n")
-    L.append(f"Device: **{gpu}**; date {date}. 1024x1024, batch 2 (classifier-free guidance), "
+    L.append("# SD3.5 on one GPU: sd-cuda vs diffusers\n")
+    L.append(f"Device: **{gpu}**; {len(works)} device call(s) started at {date} (a model's "
+             "sd-cuda, \"before\" and diffusers step figures always come from one call; the "
+             "text-encoder, full-image and test figures from the call of the pipeline stage). "
+             "1024x1024, batch 2 (classifier-free guidance), "
              "333 text tokens, random weights (real architectures). sd-cuda: median of CUDA "
              "events around a step after warm-up (crates/sd-cuda/examples/bench.rs); diffusers: "
              "median of CUDA events (../shared/peer/sd35_peer.py) in the same device call. "

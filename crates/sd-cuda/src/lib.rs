@@ -5,8 +5,10 @@
 //!   library that is missing.
 //! * Linear layers run on cuBLASLt: BF16 x BF16 -> f32 (BF16 precision), FP8 E4M3
 //!   weights x FP8 E4M3/E5M2 activations -> f32 (FP8 layers, "TN" layout, the activation
-//!   scale as a device pointer in its own allocation), f32 x f32 (F32 precision). Per
-//!   output-channel weight scales and the bias are applied by an epilogue kernel.
+//!   scale as a device pointer in its own allocation), f32 x f32 (F32 precision). The
+//!   bias, per-tensor FP8 weight scales and the BF16 output go through cuBLASLt's
+//!   epilogue where it takes them; per-channel FP8 weight scales (refused by cuBLASLt's
+//!   FP8 path on sm_90) through an epilogue kernel.
 //! * Everything else runs on the project's kernels (`kernels/*.cu`), compiled by NVRTC.
 //! * Tensors are device buffers of BF16 (BF16 and FP8 precision: every operation's output
 //!   is rounded to bfloat16 with f32 accumulation, exactly the CPU backend's BF16 mode, so
