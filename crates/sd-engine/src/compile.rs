@@ -497,7 +497,7 @@ fn write_component(
             let inp = t.numel() / out.max(1);
             let (shape, tname) = match layout {
                 Fp8Layout::OutIn => (t.shape.clone(), layout.weight_tensor(&layer)),
-                Fp8Layout::CublasltTn => (vec![inp, out], layout.weight_tensor(&layer)),
+                Fp8Layout::CublasltTn => (vec![out, inp], layout.weight_tensor(&layer)),
             };
             plans.push(TensorPlan {
                 name: tname.clone(),
@@ -614,10 +614,8 @@ fn write_component(
                     };
                     sd_fp8::quantize_slice(weight.format, row, s, dst);
                 }
-                match layout {
-                    Fp8Layout::OutIn => codes,
-                    Fp8Layout::CublasltTn => transpose_u8(&codes, out, inp),
-                }
+                // Both layouts store [out, in] row-major (see `Fp8Layout`).
+                codes
             }
             Item::WeightScale { layer } => match plan.layers.get(layer) {
                 Some(LinearQuant::Fp8 { weight, .. }) => {
@@ -642,26 +640,4 @@ fn write_component(
         fp8_layout: (fp8_bytes > 0).then_some(layout),
     };
     Ok(((entry, bytes, sha), layers))
-}
-
-/// `[rows, cols]` -> `[cols, rows]`.
-pub(crate) fn transpose_u8(src: &[u8], rows: usize, cols: usize) -> Vec<u8> {
-    let mut out = vec![0u8; src.len()];
-    for r in 0..rows {
-        for c in 0..cols {
-            out[c * rows + r] = src[r * cols + c];
-        }
-    }
-    out
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn transpose_round_trips() {
-        let src: Vec<u8> = (0..12).collect();
-        let t = super::transpose_u8(&src, 3, 4);
-        assert_eq!(t, vec![0, 4, 8, 1, 5, 9, 2, 6, 10, 3, 7, 11]);
-        assert_eq!(super::transpose_u8(&t, 4, 3), src);
-    }
 }
