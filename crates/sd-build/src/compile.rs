@@ -6,6 +6,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, ValueEnum};
 use sd_checkpoint::Checkpoint;
 use sd_checkpoint::fingerprint::ModelFingerprint;
+use sd_cuda::bundle::CudaTarget;
 use sd_engine::{CalibrationInfo, CompileOptions, Compute, Precision, Target};
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -45,9 +46,16 @@ pub struct CompileArgs {
     pub target: TargetArg,
     #[arg(long, value_enum, default_value_t = PrecisionArg::Fp8)]
     pub precision: PrecisionArg,
-    /// What non-FP8 work computes in (cpu target).
+    /// What non-FP8 work computes in.
     #[arg(long, value_enum, default_value_t = ComputeArg::Bf16)]
     pub compute: ComputeArg,
+    /// GPU ordinal to compile on (cuda target).
+    #[arg(long, default_value_t = 0)]
+    pub gpu: usize,
+    /// Cuda target: take cuBLASLt's heuristic algorithms at run time instead of timing
+    /// them now (faster compile, possibly slower engine).
+    #[arg(long)]
+    pub no_tuning: bool,
     /// The bundle directory to write.
     #[arg(long, value_name = "ENGINE")]
     pub out: PathBuf,
@@ -69,10 +77,18 @@ pub fn run(args: CompileArgs) -> Result<()> {
     if precision == Precision::Fp8 && args.calibration.is_none() {
         return Err(sd_engine::EngineError::NoCalibration.into());
     }
+    let cuda = CudaTarget {
+        ordinal: args.gpu,
+        skip_tuning: args.no_tuning,
+    };
     if target == Target::Cuda {
-        return Err(
-            sd_engine::EngineError::CudaUnavailable(sd_engine::host::cuda_missing_reason()).into(),
-        );
+        // Before hashing the checkpoint: is there a GPU to compile on?
+        if let Err(e) = sd_cuda::bundle::probe_gpu(args.gpu) {
+            return Err(sd_engine::EngineError::CudaUnavailable(format!(
+                "{e}. A cuda bundle is compiled on the GPU it will run on (kernels and GEMM algorithms are chosen for it); on a machine without one use `--target cpu`"
+            ))
+            .into());
+        }
     }
     if args.out.exists() && !args.force {
         return Err(sd_engine::EngineError::Exists(args.out.clone()).into());
@@ -127,7 +143,11 @@ pub fn run(args: CompileArgs) -> Result<()> {
         }
         (None, _) => {}
     }
-    let m = sd_engine::compile(&ckpt, &fp, &opts, &args.out)?;
+    let builder: Option<&dyn sd_engine::TargetBuilder> = match target {
+        Target::Cuda => Some(&cuda),
+        Target::Cpu => None,
+    };
+    let m = sd_engine::compile_with(&ckpt, &fp, &opts, &args.out, builder)?;
     println!(
         "wrote {} ({} target, {} precision, {} compute): {} FP8 layers, {} files, {}",
         args.out.display(),

@@ -35,15 +35,16 @@ pub struct ExportArgs {
     /// Element type of everything that is not FP8.
     #[arg(long, value_enum, default_value_t = ExportPrecision::Bf16)]
     pub precision: ExportPrecision,
-    /// Image height in pixels the transformer and VAE graphs are built for (default:
-    /// the transformer's sample_size x 8, 1024 for SD3).
+    /// Image height in pixels the transformer and VAE graphs are traced at (default:
+    /// the transformer's sample_size x 8, 1024 for SD3). The graphs' latent height and
+    /// width are dynamic axes; this only has to be a size the model accepts.
     #[arg(long)]
     pub height: Option<usize>,
     /// Image width in pixels (default as --height).
     #[arg(long)]
     pub width: Option<usize>,
-    /// T5 token count (diffusers' max_sequence_length): the T5 graph's fixed length. The
-    /// transformer's text length is a dynamic axis (traced at 77 + this).
+    /// T5 token count (diffusers' max_sequence_length) the T5 graph is traced at, and the
+    /// transformer at 77 + this; both lengths are dynamic axes of the graphs.
     #[arg(long, default_value_t = 256)]
     pub max_sequence_length: usize,
     /// The directory to write (written atomically).

@@ -1,4 +1,5 @@
-//! `sd-build generate`: the whole pipeline in-process, on the CPU backend.
+//! `sd-build generate`: the whole pipeline in-process: a checkpoint on the CPU
+//! backend, or an engine bundle on the backend of its target (cpu or cuda).
 
 use std::path::{Path, PathBuf};
 
@@ -7,7 +8,7 @@ use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use sd_checkpoint::{Checkpoint, read_tensor_file, write_tensor_file};
 use sd_cpu::{ComputePrecision, CpuBackend};
-use sd_model::PrecisionPlan;
+use sd_model::{Backend, PrecisionPlan};
 use sd_pipeline::{GenerateRequest, Sd3Pipeline, encode_png};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -24,10 +25,13 @@ pub struct GenerateArgs {
     /// Diffusers-format SD3/SD3.5 checkpoint directory.
     #[arg(long, required_unless_present = "engine")]
     pub model: Option<PathBuf>,
-    /// Run an engine bundle (from `sd-build compile --target cpu`) instead of a
+    /// Run an engine bundle (from `sd-build compile --target cpu|cuda`) instead of a
     /// checkpoint; with --model too, the bundle must have been built from that model.
     #[arg(long, conflicts_with_all = ["precision", "calibration"])]
     pub engine: Option<PathBuf>,
+    /// GPU ordinal for a cuda engine.
+    #[arg(long, default_value_t = 0)]
+    pub gpu: usize,
     #[arg(long)]
     pub prompt: String,
     #[arg(long, default_value = "")]
@@ -91,17 +95,30 @@ fn check_output_path(path: &Path, what: &str) -> Result<()> {
     Ok(())
 }
 
+/// A loaded pipeline on the backend its source asks for.
+enum Loaded {
+    Cpu(Box<Sd3Pipeline<CpuBackend>>),
+    Cuda(Box<Sd3Pipeline<sd_cuda::CudaBackend>>),
+}
+
 /// The pipeline the flags ask for, and a description of it for the PNG parameters.
-fn load_pipeline(args: &GenerateArgs) -> Result<(Sd3Pipeline<CpuBackend>, String)> {
+fn load_pipeline(args: &GenerateArgs) -> Result<(Loaded, String)> {
     if let Some(engine) = &args.engine {
         let bundle = sd_engine::Bundle::open(engine)
             .with_context(|| format!("cannot open engine {}", engine.display()))?;
         if let Some(model) = &args.model {
             sd_engine::check_bundle_model(&bundle, model)?;
         }
-        let pipeline = sd_engine::load_cpu_pipeline_from(&bundle)
-            .with_context(|| format!("cannot load engine {}", engine.display()))?;
-        return Ok((pipeline, format!("engine {}", engine.display())));
+        let label = format!("engine {}", engine.display());
+        let loaded = match bundle.manifest.target {
+            sd_engine::Target::Cpu => {
+                Loaded::Cpu(Box::new(sd_engine::load_cpu_pipeline_from(&bundle)?))
+            }
+            sd_engine::Target::Cuda => Loaded::Cuda(Box::new(sd_cuda::bundle::load_cuda_pipeline(
+                &bundle, args.gpu,
+            )?)),
+        };
+        return Ok((loaded, label));
     }
     let model = args
         .model
@@ -134,7 +151,7 @@ fn load_pipeline(args: &GenerateArgs) -> Result<(Sd3Pipeline<CpuBackend>, String
     let pipeline = Sd3Pipeline::load(&ckpt, CpuBackend::new(compute), &plan)
         .with_context(|| format!("cannot load model {}", model.display()))?;
     let label = format!("{} ({precision:?})", model.display());
-    Ok((pipeline, label))
+    Ok((Loaded::Cpu(Box::new(pipeline)), label))
 }
 
 pub fn run(args: GenerateArgs) -> Result<()> {
@@ -151,6 +168,18 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         None => None,
     };
     let (pipeline, source) = load_pipeline(&args)?;
+    match pipeline {
+        Loaded::Cpu(p) => generate_with(&p, &args, latents, &source),
+        Loaded::Cuda(p) => generate_with(&p, &args, latents, &source),
+    }
+}
+
+fn generate_with<B: Backend>(
+    pipeline: &Sd3Pipeline<B>,
+    args: &GenerateArgs,
+    latents: Option<sd_model::HostTensor>,
+    source: &str,
+) -> Result<()> {
     let native = pipeline.limits.default_size;
     let request = GenerateRequest {
         prompt: args.prompt.clone(),
@@ -167,7 +196,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         latents,
         ..Default::default()
     };
-    let params = describe(&request, &args, &pipeline, &source);
+    let params = describe(&request, args, pipeline, source);
     let bar = ProgressBar::new(request.steps as u64);
     bar.set_style(
         ProgressStyle::with_template(
@@ -192,10 +221,10 @@ pub fn run(args: GenerateArgs) -> Result<()> {
 }
 
 /// The generation parameters embedded in the PNG (`parameters` tEXt chunk).
-fn describe(
+fn describe<B: Backend>(
     r: &GenerateRequest,
     args: &GenerateArgs,
-    p: &Sd3Pipeline<CpuBackend>,
+    p: &Sd3Pipeline<B>,
     source: &str,
 ) -> String {
     format!(

@@ -129,7 +129,11 @@ fn print_summary(args: &InspectArgs, m: &Manifest) {
             );
         }
     }
-    match sd_engine::host::can_run(m) {
+    let runs_here = match m.target {
+        sd_engine::Target::Cuda => sd_cuda::bundle::can_run_here(m, 0),
+        sd_engine::Target::Cpu => sd_engine::host::can_run(m),
+    };
+    match runs_here {
         Ok(s) | Err(s) => println!("runs here:     {s}"),
     }
 

@@ -105,7 +105,15 @@ fn export_with_calibration_and_refusals() {
             .all(|l| l["input"] == "e4m3" && l["weight"] == "e4m3"),
         "{man}"
     );
-    assert_eq!(man["models"][0]["inputs"][0]["shape"][0], "batch");
+    assert_eq!(
+        man["models"][0]["inputs"][0]["shape"],
+        serde_json::json!(["batch", 16, "height", "width"])
+    );
+    let vae = man["models"].as_array().unwrap().last().unwrap();
+    assert_eq!(
+        vae["outputs"][0]["shape"],
+        serde_json::json!(["batch", 3, "8*height", "8*width"])
+    );
 
     // An existing output is kept without --force.
     let o = sd_build(&["export", "--model", &sd3, "--out", &out]);

@@ -332,6 +332,40 @@ impl<B: Backend> Backend for Observer<B> {
     fn timestep_embedding(&self, t: &Self::Tensor, dim: usize) -> Result<Self::Tensor> {
         self.inner.timestep_embedding(t, dim)
     }
+    fn patchify(&self, x: &Self::Tensor, patch: usize) -> Result<Self::Tensor> {
+        self.inner.patchify(x, patch)
+    }
+    fn unpatchify(
+        &self,
+        x: &Self::Tensor,
+        patch: usize,
+        like: &Self::Tensor,
+    ) -> Result<Self::Tensor> {
+        self.inner.unpatchify(x, patch, like)
+    }
+    fn cropped_pos_embed(
+        &self,
+        table: &Self::Tensor,
+        like: &Self::Tensor,
+        patch: usize,
+    ) -> Result<Self::Tensor> {
+        self.inner.cropped_pos_embed(table, like, patch)
+    }
+    fn position_embedding(
+        &self,
+        table: &Self::Tensor,
+        like: &Self::Tensor,
+    ) -> Result<Self::Tensor> {
+        self.inner.position_embedding(table, like)
+    }
+    fn relative_position_bias(
+        &self,
+        table: &HostTensor,
+        max_distance: usize,
+        like: &Self::Tensor,
+    ) -> Result<Self::Tensor> {
+        self.inner.relative_position_bias(table, max_distance, like)
+    }
 }
 
 #[cfg(test)]

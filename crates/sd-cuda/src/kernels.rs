@@ -61,9 +61,7 @@ pub fn nvrtc_version() -> Result<(i32, i32)> {
     Ok((major, minor))
 }
 
-/// `kernel_build_id`: sha256 over the sources, the architecture and NVRTC's version.
-pub fn kernel_build_id(arch: &str, nvrtc: (i32, i32)) -> String {
-    let mut h = Sha256::new();
+fn hash_sources(h: &mut Sha256) {
     h.update(COMMON.as_bytes());
     for (name, src) in KERNEL_SOURCES {
         h.update(name.as_bytes());
@@ -71,6 +69,20 @@ pub fn kernel_build_id(arch: &str, nvrtc: (i32, i32)) -> String {
         h.update(src.as_bytes());
         h.update([0]);
     }
+}
+
+/// sha256 over the kernel sources alone: PTX compiled from other sources than this
+/// binary's does not match its kernel launches (names, arguments).
+pub fn kernel_sources_id() -> String {
+    let mut h = Sha256::new();
+    hash_sources(&mut h);
+    hex::encode(&h.finalize()[..16])
+}
+
+/// `kernel_build_id`: sha256 over the sources, the architecture and NVRTC's version.
+pub fn kernel_build_id(arch: &str, nvrtc: (i32, i32)) -> String {
+    let mut h = Sha256::new();
+    hash_sources(&mut h);
     h.update(arch.as_bytes());
     h.update(format!("nvrtc {}.{}", nvrtc.0, nvrtc.1).as_bytes());
     hex::encode(&h.finalize()[..16])

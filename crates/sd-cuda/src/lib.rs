@@ -17,8 +17,10 @@
 //! * One owner thread per GPU holds the context (bound once), the stream, the cuBLASLt
 //!   handle and its workspace; the `Backend` methods send it jobs and wait for them.
 
+pub mod bundle;
 mod error;
 pub mod kernels;
+mod tuning;
 
 use std::collections::HashMap;
 use std::ffi::c_void;
@@ -39,6 +41,7 @@ pub use kernels::{
     CompiledKernels, KERNEL_SOURCES, compile_kernels, compile_kernels_with, find_cuda_include,
     kernel_build_id, nvrtc_version,
 };
+pub use tuning::GemmAlgorithms;
 
 /// What the non-FP8 work computes in, and whether FP8 layers are allowed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -336,8 +339,10 @@ struct Inner {
     /// kept). `SD_CUDA_FUSED_EPILOGUE=0` starts them all at Some(false).
     fused_epilogue: std::cell::Cell<[Option<bool>; 4]>,
     fused_epilogue_error: std::cell::RefCell<[Option<String>; 4]>,
-    /// cuBLASLt algorithms chosen by the heuristic, per GEMM problem.
+    /// cuBLASLt algorithms chosen per GEMM problem (by the heuristic, by timing when
+    /// `tune_gemms` is on, or given by an engine bundle; see `tuning.rs`).
     algo_cache: std::cell::RefCell<HashMap<String, ltsys::cublasLtMatmulAlgo_t>>,
+    tune_gemms: std::cell::Cell<bool>,
     /// The device's default stream-ordered memory pool (every allocation comes from it).
     pool: cudarc::driver::sys::CUmemoryPool,
     /// Bytes of parameters uploaded (linear weights, their scales and biases, other
@@ -514,6 +519,38 @@ pub fn pack_fp8_weight(
     PackedFp8Weight { codes, scales }
 }
 
+/// Refuses pre-packed codes that do not fit the layer the model is loading (a bundle
+/// whose payload and plan disagree); per-tensor scales are widened per channel.
+fn check_packed(
+    spec: &LinearSpec,
+    mut p: PackedFp8Weight,
+    q: &sd_model::WeightQuant,
+) -> Result<PackedFp8Weight> {
+    let (out, inp) = (spec.out_features, spec.in_features);
+    if p.codes.len() != out * inp {
+        return Err(bad(format!(
+            "layer {}: the engine's FP8 weight has {} codes, the layer needs {out} x {inp}",
+            spec.name,
+            p.codes.len()
+        )));
+    }
+    let planned: Vec<f32> = if q.scales.len() == 1 {
+        vec![q.scales[0]; out]
+    } else {
+        q.scales.clone()
+    };
+    if p.scales.len() == 1 {
+        p.scales = vec![p.scales[0]; out];
+    }
+    if p.scales != planned {
+        return Err(bad(format!(
+            "layer {}: the engine's FP8 weight scales differ from its precision plan",
+            spec.name
+        )));
+    }
+    Ok(p)
+}
+
 /// Checks that libcuda, libnvrtc and libcublasLt can be opened.
 pub fn check_libraries() -> Result<()> {
     // SAFETY: these only try to dlopen the libraries.
@@ -621,6 +658,7 @@ impl Inner {
             ),
             fused_epilogue_error: std::cell::RefCell::new([None, None, None, None]),
             algo_cache: std::cell::RefCell::new(HashMap::new()),
+            tune_gemms: std::cell::Cell::new(false),
             pool,
             param_bytes: std::cell::Cell::new(0),
         })
@@ -856,29 +894,6 @@ impl Inner {
                 } else {
                     String::new()
                 };
-                let cached = self.algo_cache.borrow().get(&key).copied();
-                let algo = match cached {
-                    Some(a) => a,
-                    None => {
-                        let heur = lt::get_matmul_algo_heuristic(
-                            blas.handle,
-                            desc,
-                            a_l,
-                            b_l,
-                            d_l,
-                            d_l,
-                            pref,
-                        )
-                        .map_err(|e| {
-                            CudaError::Blas(format!(
-                                "no algorithm for m={} n={} k={} A {:?} B {:?}: {e:?}",
-                                g.m, g.n, g.k, g.a_type, g.b_type
-                            ))
-                        })?;
-                        self.algo_cache.borrow_mut().insert(key, heur.algo);
-                        heur.algo
-                    }
-                };
                 let (alpha, beta) = (g.alpha, 0.0f32);
                 // With an alpha vector, alpha is its device pointer (beta is zero and
                 // not read).
@@ -887,24 +902,44 @@ impl Inner {
                 } else {
                     &alpha as *const f32 as *const c_void
                 };
-                lt::matmul(
-                    blas.handle,
-                    desc,
-                    alpha_ptr,
-                    &beta as *const f32 as *const c_void,
-                    g.a as *const c_void,
-                    a_l,
-                    g.b as *const c_void,
-                    b_l,
-                    g.d as *const c_void,
-                    d_l,
-                    g.d as *mut c_void,
-                    d_l,
-                    &algo,
-                    ws_ptr as *mut c_void,
-                    WORKSPACE_BYTES,
-                    self.stream.cu_stream() as *mut _,
-                )?;
+                let launch = |algo: &ltsys::cublasLtMatmulAlgo_t| -> Result<()> {
+                    lt::matmul(
+                        blas.handle,
+                        desc,
+                        alpha_ptr,
+                        &beta as *const f32 as *const c_void,
+                        g.a as *const c_void,
+                        a_l,
+                        g.b as *const c_void,
+                        b_l,
+                        g.d as *const c_void,
+                        d_l,
+                        g.d as *mut c_void,
+                        d_l,
+                        algo,
+                        ws_ptr as *mut c_void,
+                        WORKSPACE_BYTES,
+                        self.stream.cu_stream() as *mut _,
+                    )?;
+                    Ok(())
+                };
+                let cached = self.algo_cache.borrow().get(&key).copied();
+                let algo = match cached {
+                    Some(a) => a,
+                    None => {
+                        let a = self
+                            .choose_algo(blas.handle, desc, a_l, b_l, d_l, pref, &launch)
+                            .map_err(|e| {
+                                CudaError::Blas(format!(
+                                    "m={} n={} k={} A {:?} B {:?}: {e}",
+                                    g.m, g.n, g.k, g.a_type, g.b_type
+                                ))
+                            })?;
+                        self.algo_cache.borrow_mut().insert(key, a);
+                        a
+                    }
+                };
+                launch(&algo)?;
             }
             Ok(())
         })();
@@ -1077,11 +1112,14 @@ impl Inner {
 
     // ---- the operations (crate errors) ------------------------------------------
 
+    /// `packed`: the layer's FP8 codes as an engine bundle stores them, used instead
+    /// of quantizing `weight` (which then is not read).
     fn load_linear_impl(
         &self,
         spec: &LinearSpec,
         weight: &WeightTensor<'_>,
         bias: Option<&WeightTensor<'_>>,
+        packed: Option<PackedFp8Weight>,
     ) -> Result<CudaLinear> {
         let (out, inp) = (spec.out_features, spec.in_features);
         if weight.shape != [out, inp] {
@@ -1090,7 +1128,12 @@ impl Inner {
                 spec.name, weight.shape
             )));
         }
-        let mut w = weight.to_f32();
+        let needs_values = packed.is_none() || !matches!(spec.quant, LinearQuant::Fp8 { .. });
+        let mut w = if needs_values {
+            weight.to_f32()
+        } else {
+            Vec::new()
+        };
         if self.precision != CudaPrecision::F32 {
             round_host(&mut w);
         }
@@ -1161,7 +1204,10 @@ impl Inner {
                         spec.name
                     )));
                 }
-                let packed = pack_fp8_weight(&w, out, inp, wq);
+                let packed = match packed {
+                    Some(p) => check_packed(spec, p, wq)?,
+                    None => pack_fp8_weight(&w, out, inp, wq),
+                };
                 let (codes, scales) = (packed.codes, packed.scales);
                 if self.fp8_gemm.get() == Fp8Gemm::ExactViaBf16 {
                     let table = sd_fp8::decode_table(wq.format);
@@ -1915,8 +1961,9 @@ impl Inner {
         spec: &LinearSpec,
         weight: &WeightTensor<'_>,
         bias: Option<&WeightTensor<'_>>,
+        packed: Option<PackedFp8Weight>,
     ) -> sd_model::Result<CudaLinear> {
-        me(self.load_linear_impl(spec, weight, bias))
+        me(self.load_linear_impl(spec, weight, bias, packed))
     }
 
     fn linear(&self, x: &CudaTensor, layer: &CudaLinear) -> sd_model::Result<CudaTensor> {
@@ -2385,6 +2432,9 @@ type Job = Box<dyn FnOnce(&Inner) + Send + 'static>;
 /// Tensors and layers are plain device buffers and may be dropped on any thread.
 pub struct CudaBackend {
     tx: Mutex<Option<mpsc::Sender<Job>>>,
+    /// FP8 codes handed over by an engine bundle, by layer name, taken by
+    /// `load_linear` instead of quantizing the weight it is given.
+    prepacked: Mutex<HashMap<String, PackedFp8Weight>>,
     worker: Option<std::thread::JoinHandle<()>>,
     ordinal: usize,
     gpu: String,
@@ -2444,6 +2494,7 @@ impl CudaBackend {
             .map_err(|_| CudaError::Driver("the GPU thread died while starting".into()))??;
         Ok(Self {
             tx: Mutex::new(Some(tx)),
+            prepacked: Mutex::new(HashMap::new()),
             worker: Some(worker),
             ordinal,
             gpu,
@@ -2622,6 +2673,29 @@ impl CudaBackend {
         })
     }
 
+    /// Hands over FP8 weights exactly as an engine bundle stores them (layer name ->
+    /// codes `[out, in]` + scales): loading a layer of that name takes them instead of
+    /// quantizing the weight values it is given.
+    pub fn provide_fp8_weights(&self, weights: HashMap<String, PackedFp8Weight>) -> Result<()> {
+        self.prepacked
+            .lock()
+            .map_err(|_| CudaError::Driver("prepacked weights mutex poisoned".into()))?
+            .extend(weights);
+        Ok(())
+    }
+
+    /// Layers handed over by [`CudaBackend::provide_fp8_weights`] that no load took
+    /// (after a model is loaded: a bundle with weights its model does not have).
+    pub fn unused_fp8_weights(&self) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .prepacked
+            .lock()
+            .map(|m| m.keys().cloned().collect())
+            .unwrap_or_default();
+        v.sort();
+        v
+    }
+
     /// Chooses how FP8 layers loaded from now on run (see [`Fp8Gemm`]).
     pub fn with_fp8_gemm(self, mode: Fp8Gemm) -> Self {
         let _ = self.run(|i| i.fp8_gemm.set(mode));
@@ -2712,7 +2786,15 @@ impl Backend for CudaBackend {
         weight: &WeightTensor<'_>,
         bias: Option<&WeightTensor<'_>>,
     ) -> sd_model::Result<CudaLinear> {
-        self.call(|i| i.load_linear(spec, weight, bias))
+        let packed = match &spec.quant {
+            LinearQuant::Fp8 { .. } => self
+                .prepacked
+                .lock()
+                .map_err(|_| ModelError::backend("prepacked weights mutex poisoned"))?
+                .remove(&spec.name),
+            LinearQuant::None => None,
+        };
+        self.call(|i| i.load_linear(spec, weight, bias, packed))
     }
     fn linear(&self, x: &CudaTensor, layer: &CudaLinear) -> sd_model::Result<CudaTensor> {
         self.call(|i| i.linear(x, layer))

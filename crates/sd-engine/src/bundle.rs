@@ -348,7 +348,7 @@ struct Fp8Entry {
 #[derive(Debug)]
 pub struct Fp8Weight<'a> {
     pub codes: &'a [u8],
-    /// Stored shape (`[out, in]` for `OutIn`, `[in, out]` for `CublasltTn`).
+    /// Stored shape: `[out, in]` in both layouts.
     pub shape: Vec<usize>,
     pub layout: Fp8Layout,
     pub quant: &'a LinearQuant,
@@ -429,22 +429,10 @@ impl WeightSource for BundleWeights {
                 return Err(self.missing(name));
             };
             let codes = self.payload.bytes(t);
-            let (rows, cols, shape) = match self.layout {
-                Fp8Layout::OutIn => {
-                    let out = t.shape.first().copied().unwrap_or(1).max(1);
-                    (out, codes.len() / out, t.shape.clone())
-                }
-                Fp8Layout::CublasltTn => {
-                    let (inp, out) = (t.shape[0], t.shape[1]);
-                    (out, inp, vec![out, inp])
-                }
-            };
-            let codes: Cow<'_, [u8]> = match self.layout {
-                Fp8Layout::OutIn => Cow::Borrowed(codes),
-                Fp8Layout::CublasltTn => {
-                    Cow::Owned(crate::compile::transpose_u8(codes, cols, rows))
-                }
-            };
+            // Both layouts are [out, in] row-major (see `Fp8Layout`).
+            let out = t.shape.first().copied().unwrap_or(1).max(1);
+            let cols = codes.len() / out;
+            let shape = t.shape.clone();
             let mut vals = vec![0f32; codes.len()];
             for (o, (src, dst)) in codes.chunks(cols).zip(vals.chunks_mut(cols)).enumerate() {
                 let s = if weight.scales.len() == 1 {
@@ -455,7 +443,6 @@ impl WeightSource for BundleWeights {
                 sd_fp8::dequantize_slice(weight.format, src, s, dst);
             }
             let bytes: Vec<u8> = vals.iter().flat_map(|v| v.to_le_bytes()).collect();
-            let _ = rows;
             return Ok(WeightTensor {
                 name: name.to_string(),
                 origin,

@@ -408,8 +408,44 @@ pub fn compile_with(
     Ok(manifest)
 }
 
+/// Swaps two directory entries in one step (`renameat2(RENAME_EXCHANGE)`), so a
+/// reader of either path always sees a whole directory.
+#[cfg(target_os = "linux")]
+fn exchange(a: &Path, b: &Path) -> std::io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = |p: &Path| {
+        std::ffi::CString::new(p.as_os_str().as_bytes())
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))
+    };
+    let (ca, cb) = (c(a)?, c(b)?);
+    // SAFETY: two NUL-terminated paths that outlive the call; no other memory is
+    // touched.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_renameat2,
+            libc::AT_FDCWD,
+            ca.as_ptr(),
+            libc::AT_FDCWD,
+            cb.as_ptr(),
+            libc::RENAME_EXCHANGE,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn exchange(_: &Path, _: &Path) -> std::io::Result<()> {
+    Err(std::io::Error::from(std::io::ErrorKind::Unsupported))
+}
+
 /// Moves the finished staging directory to `out`. An existing `out` (only with
-/// `force`) is first renamed aside, then removed once the new bundle is in place.
+/// `force`) is swapped with the new bundle in one step where the filesystem allows
+/// (a server reading `out` meanwhile sees the old or the new bundle, never neither),
+/// else renamed aside first; the old bundle is removed once the new one is in place.
 fn commit(mut staging: Staging, out: &Path, force: bool) -> Result<()> {
     let rename = |from: &Path, to: &Path| {
         std::fs::rename(from, to).map_err(|source| EngineError::Io {
@@ -420,6 +456,30 @@ fn commit(mut staging: Staging, out: &Path, force: bool) -> Result<()> {
     let old = if out.exists() {
         if !force {
             return Err(EngineError::Exists(out.to_path_buf()));
+        }
+        match exchange(&staging.dir, out) {
+            Ok(()) => {
+                // `staging.dir` now holds the old bundle.
+                staging.committed = true;
+                if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
+                    fsync_dir(parent)?;
+                }
+                let _ = std::fs::remove_dir_all(&staging.dir);
+                return Ok(());
+            }
+            // Filesystems without RENAME_EXCHANGE: rename aside, then into place.
+            Err(e)
+                if e.kind() == std::io::ErrorKind::Unsupported
+                    || matches!(
+                        e.raw_os_error(),
+                        Some(libc::EINVAL) | Some(libc::ENOSYS) | Some(libc::EOPNOTSUPP)
+                    ) => {}
+            Err(source) => {
+                return Err(EngineError::Io {
+                    path: out.to_path_buf(),
+                    source,
+                });
+            }
         }
         let aside = sibling(out, "old")?;
         rename(out, &aside)?;
@@ -497,7 +557,7 @@ fn write_component(
             let inp = t.numel() / out.max(1);
             let (shape, tname) = match layout {
                 Fp8Layout::OutIn => (t.shape.clone(), layout.weight_tensor(&layer)),
-                Fp8Layout::CublasltTn => (vec![inp, out], layout.weight_tensor(&layer)),
+                Fp8Layout::CublasltTn => (vec![out, inp], layout.weight_tensor(&layer)),
             };
             plans.push(TensorPlan {
                 name: tname.clone(),
@@ -614,10 +674,8 @@ fn write_component(
                     };
                     sd_fp8::quantize_slice(weight.format, row, s, dst);
                 }
-                match layout {
-                    Fp8Layout::OutIn => codes,
-                    Fp8Layout::CublasltTn => transpose_u8(&codes, out, inp),
-                }
+                // Both layouts store [out, in] row-major (see `Fp8Layout`).
+                codes
             }
             Item::WeightScale { layer } => match plan.layers.get(layer) {
                 Some(LinearQuant::Fp8 { weight, .. }) => {
@@ -642,26 +700,4 @@ fn write_component(
         fp8_layout: (fp8_bytes > 0).then_some(layout),
     };
     Ok(((entry, bytes, sha), layers))
-}
-
-/// `[rows, cols]` -> `[cols, rows]`.
-pub(crate) fn transpose_u8(src: &[u8], rows: usize, cols: usize) -> Vec<u8> {
-    let mut out = vec![0u8; src.len()];
-    for r in 0..rows {
-        for c in 0..cols {
-            out[c * rows + r] = src[r * cols + c];
-        }
-    }
-    out
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn transpose_round_trips() {
-        let src: Vec<u8> = (0..12).collect();
-        let t = super::transpose_u8(&src, 3, 4);
-        assert_eq!(t, vec![0, 4, 8, 1, 5, 9, 2, 6, 10, 3, 7, 11]);
-        assert_eq!(super::transpose_u8(&t, 4, 3), src);
-    }
 }

@@ -9,7 +9,7 @@
 //!                                    calibration hash, configs, per-layer plan,
 //!                                    sizes, SHA-256 of every file below
 //!   weights/transformer.safetensors  FP8 layers: `<layer>.weight` U8 codes (cpu) or
-//!                                    `<layer>.weight_tn` (cuda, [in, out]) +
+//!                                    `<layer>.weight_tn` (cuda, [out, in]) +
 //!                                    `<layer>.weight_scale` F32 + `<layer>.input_scale`
 //!                                    F32; everything else dense (BF16 by default)
 //!   weights/text_encoder{,_2,_3}.safetensors, weights/vae.safetensors
@@ -110,6 +110,10 @@ pub enum EngineError {
     PlanMismatch(String),
     #[error("cannot compile for --target cuda: {0}")]
     CudaUnavailable(String),
+    /// The cuda executor refused or failed (a missing library, no FP8 tensor cores, a
+    /// driver error); the message says what to do.
+    #[error("{0}")]
+    Gpu(String),
     #[error("{0}")]
     Usage(String),
     #[error("cannot access {path}: {source}")]
@@ -144,6 +148,17 @@ pub fn cpu_backend_for(m: &Manifest) -> CpuBackend {
 /// for (FP8 layers run the exact FP8 simulation).
 pub fn load_cpu_pipeline_from(bundle: &Bundle) -> Result<Sd3Pipeline<CpuBackend>> {
     bundle.check_target(Target::Cpu)?;
+    load_pipeline_with(bundle, cpu_backend_for(&bundle.manifest))
+}
+
+/// Loads a verified bundle's configs, tokenizers, plan and weights into a pipeline on
+/// `backend` (which the caller chose for the bundle's target). FP8 layers' weights
+/// reach the backend dequantized (`code * scale`); a backend that runs FP8 GEMMs takes
+/// the codes themselves beforehand ([`BundleWeights::fp8`]).
+pub fn load_pipeline_with<B: sd_model::Backend>(
+    bundle: &Bundle,
+    backend: B,
+) -> Result<Sd3Pipeline<B>> {
     let configs = bundle.configs()?;
     configs.validate(bundle.dir.clone())?;
     let plan = bundle.plan()?;
@@ -166,7 +181,7 @@ pub fn load_cpu_pipeline_from(bundle: &Bundle) -> Result<Sd3Pipeline<CpuBackend>
         &configs,
         weights,
         bundle.tokenizers()?,
-        cpu_backend_for(&bundle.manifest),
+        backend,
         &plan,
     )?)
 }

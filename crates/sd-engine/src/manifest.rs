@@ -72,8 +72,12 @@ impl std::fmt::Display for Compute {
 pub enum Fp8Layout {
     /// `[out, in]` row-major, as in the checkpoint (tensor `<layer>.weight`): the cpu target.
     OutIn,
-    /// Transposed `[in, out]` row-major for cuBLASLt's "TN" GEMM (tensor
-    /// `<layer>.weight_tn`): the cuda target.
+    /// The codes as cuBLASLt's FP8 "TN" GEMM reads them (tensor `<layer>.weight_tn`):
+    /// the cuda target. FP8 GEMMs on Hopper/Ada take A transposed, i.e. both operands
+    /// K-major; a row-major `[out, in]` matrix is exactly column-major `[in, out]` with
+    /// `lda = in`, so the stored shape is `[out, in]` and the GPU uploads the bytes as
+    /// they are. It is a separate layout from `OutIn` (and a separate tensor name) so
+    /// the payload of one target is never mistaken for the other's.
     CublasltTn,
 }
 
@@ -208,6 +212,10 @@ pub struct CudaInfo {
     pub gemm_algorithms: BTreeMap<String, serde_json::Value>,
     /// Compiled kernels.
     pub kernels: Vec<KernelEntry>,
+    /// Hash of the kernel sources the PTX was compiled from: a loader whose kernel
+    /// launches were written for other sources refuses the bundle.
+    #[serde(default)]
+    pub kernel_sources: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

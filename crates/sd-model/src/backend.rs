@@ -285,6 +285,127 @@ pub trait Backend: Send + Sync {
         self.upload(&crate::mmdit::timestep_embedding(&h.data, dim))
     }
 
+    /// Patches of `x [B, C, H, W]` as tokens: `[B, (H/p)*(W/p), C*p*p]`, patches row after
+    /// row, each flattened channel-major (the weight layout of a stride-`p` convolution);
+    /// with `patch` 1, the pixels as `[B, H*W, C]`. The default reshapes and permutes
+    /// with the traced sizes; a graph-building backend computes the shapes in the graph so
+    /// that H and W can be dynamic.
+    fn patchify(&self, x: &Self::Tensor, patch: usize) -> Result<Self::Tensor> {
+        let d = self.dims(x);
+        if d.len() != 4 || patch == 0 || !d[2].is_multiple_of(patch) || !d[3].is_multiple_of(patch)
+        {
+            return Err(ModelError::input(format!(
+                "cannot cut {d:?} into patches of {patch}"
+            )));
+        }
+        let (b, c, h, w) = (d[0], d[1], d[2], d[3]);
+        if patch == 1 {
+            return self.permute(&self.reshape(x, &[b, c, h * w])?, &[0, 2, 1]);
+        }
+        let (gh, gw) = (h / patch, w / patch);
+        let x = self.reshape(x, &[b, c, gh, patch, gw, patch])?;
+        let x = self.permute(&x, &[0, 2, 4, 1, 3, 5])?;
+        self.reshape(&x, &[b, gh * gw, c * patch * patch])
+    }
+
+    /// The inverse layout for an output: `x [B, (H/p)*(W/p), p*p*C]`, each patch row-major
+    /// over its pixels with the channels last, -> `[B, C, H, W]`, where H and W are the
+    /// spatial size of `like [B, _, H, W]` (the input the patches were cut from).
+    fn unpatchify(
+        &self,
+        x: &Self::Tensor,
+        patch: usize,
+        like: &Self::Tensor,
+    ) -> Result<Self::Tensor> {
+        let (d, l) = (self.dims(x), self.dims(like));
+        if d.len() != 3
+            || l.len() != 4
+            || patch == 0
+            || !l[2].is_multiple_of(patch)
+            || !l[3].is_multiple_of(patch)
+        {
+            return Err(ModelError::input(format!(
+                "cannot lay {d:?} out in patches of {patch} over {l:?}"
+            )));
+        }
+        let (b, h, w) = (d[0], l[2], l[3]);
+        let (gh, gw) = (h / patch, w / patch);
+        let c = d[2] / (patch * patch);
+        if d[1] != gh * gw || c * patch * patch != d[2] {
+            return Err(ModelError::input(format!(
+                "{d:?} is not {gh}x{gw} patches of {patch}x{patch} pixels"
+            )));
+        }
+        if patch == 1 {
+            return self.reshape(&self.permute(x, &[0, 2, 1])?, &[b, c, h, w]);
+        }
+        let x = self.reshape(x, &[b, gh, gw, patch, patch, c])?;
+        let x = self.permute(&x, &[0, 5, 1, 3, 2, 4])?;
+        self.reshape(&x, &[b, c, h, w])
+    }
+
+    /// diffusers' `PatchEmbed.cropped_pos_embed`: the centre `(H/p) x (W/p)` window of the
+    /// positional table `table [M, M, D]` for `like [B, C, H, W]`, as `[1, (H/p)*(W/p), D]`
+    /// (the window starts at `(M - H/p) / 2`, `(M - W/p) / 2`, rounded down).
+    fn cropped_pos_embed(
+        &self,
+        table: &Self::Tensor,
+        like: &Self::Tensor,
+        patch: usize,
+    ) -> Result<Self::Tensor> {
+        let (t, l) = (self.dims(table), self.dims(like));
+        if t.len() != 3 || t[0] != t[1] || l.len() != 4 || patch == 0 {
+            return Err(ModelError::input(format!(
+                "cannot crop the positional table {t:?} for {l:?} in patches of {patch}"
+            )));
+        }
+        let (m, gh, gw) = (t[0], l[2] / patch, l[3] / patch);
+        if gh > m || gw > m {
+            return Err(ModelError::input(format!(
+                "{gh}x{gw} patches exceed the positional table of {m}x{m}"
+            )));
+        }
+        let pe = self.narrow(table, 0, (m - gh) / 2, gh)?;
+        let pe = self.narrow(&pe, 1, (m - gw) / 2, gw)?;
+        self.reshape(&pe, &[1, gh * gw, t[2]])
+    }
+
+    /// The first S rows of a positional table `table [P, C]` as `[1, S, C]`, where S is
+    /// dimension 1 of `like [B, S, ..]`.
+    fn position_embedding(
+        &self,
+        table: &Self::Tensor,
+        like: &Self::Tensor,
+    ) -> Result<Self::Tensor> {
+        let (t, l) = (self.dims(table), self.dims(like));
+        if t.len() != 2 || l.len() < 2 || l[1] > t[0] {
+            return Err(ModelError::input(format!(
+                "positions of {l:?} from a table {t:?}"
+            )));
+        }
+        self.reshape(&self.narrow(table, 0, 0, l[1])?, &[1, l[1], t[1]])
+    }
+
+    /// T5's bucketed relative-position attention bias `[H, S, S]` for `like [B, S, ..]`,
+    /// from the learned `table [num_buckets, H]` ([`crate::t5::position_bias`]). The
+    /// default builds it on the host and uploads it; a graph-building backend computes the
+    /// relative positions from S in the graph and gathers from the table.
+    fn relative_position_bias(
+        &self,
+        table: &HostTensor,
+        max_distance: usize,
+        like: &Self::Tensor,
+    ) -> Result<Self::Tensor> {
+        let l = self.dims(like);
+        if l.len() < 2 || table.shape.len() != 2 {
+            return Err(ModelError::input(format!(
+                "relative-position bias for {l:?} from a table {:?}",
+                table.shape
+            )));
+        }
+        self.upload(&crate::t5::position_bias(table, max_distance, l[1]))
+    }
+
     /// Classifier-free guidance: `uncond + g * (cond - uncond)`.
     fn guidance(&self, uncond: &Self::Tensor, cond: &Self::Tensor, g: f32) -> Result<Self::Tensor>;
     /// One Euler step of the flow-matching ODE in f32: `x + dt * v`.

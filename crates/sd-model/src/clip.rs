@@ -112,7 +112,7 @@ impl<B: Backend> ClipTextModel<B> {
         }
         let tok = b.embedding(&self.token_embedding, ids, batch, seq)?;
         let index: Vec<usize> = ids.chunks(seq).map(|row| self.pooled_index(row)).collect();
-        self.encode(b, tok, seq, |last| b.select_tokens(last, &index))
+        self.encode(b, tok, |last| b.select_tokens(last, &index))
     }
 
     /// [`ClipTextModel::forward`] with the ids as a backend tensor `[B, S]` (the ONNX
@@ -129,7 +129,7 @@ impl<B: Backend> ClipTextModel<B> {
         self.check_seq(seq)?;
         let tok = b.embedding_ids(&self.token_embedding, ids)?;
         let pick = self.pooled_pick();
-        self.encode(b, tok, seq, |last| b.select_tokens_by_ids(last, ids, pick))
+        self.encode(b, tok, |last| b.select_tokens_by_ids(last, ids, pick))
     }
 
     fn check_seq(&self, seq: usize) -> Result<()> {
@@ -148,17 +148,13 @@ impl<B: Backend> ClipTextModel<B> {
         &self,
         b: &B,
         tok: B::Tensor,
-        seq: usize,
         pool: impl FnOnce(&B::Tensor) -> Result<B::Tensor>,
     ) -> Result<ClipOutput<B::Tensor>> {
         let cfg = &self.config;
         let h = cfg.hidden_size;
         let eps = cfg.layer_norm_eps as f32;
         let act = cfg.activation()?;
-        let pos = b.reshape(
-            &b.narrow(&self.position_embedding, 0, 0, seq)?,
-            &[1, seq, h],
-        )?;
+        let pos = b.position_embedding(&self.position_embedding, &tok)?;
         let mut x = b.add(&tok, &pos)?;
         let mut penultimate = None;
         let n = self.layers.len();

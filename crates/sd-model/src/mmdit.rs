@@ -462,22 +462,14 @@ impl<B: Backend> Mmdit<B> {
                 cfg.in_channels
             )));
         }
-        let (bs, c, h, w) = (dims[0], dims[1], dims[2], dims[3]);
-        self.check_latent_size(h, w)?;
+        self.check_latent_size(dims[2], dims[3])?;
         let p = cfg.patch_size;
-        let (gh, gw) = (h / p, w / p);
         let d = cfg.inner_dim();
 
         // Patchify [B, C, gh, p, gw, p] -> [B, gh*gw, C*p*p] and embed (the conv as a linear).
-        let x = b.reshape(latents, &[bs, c, gh, p, gw, p])?;
-        let x = b.permute(&x, &[0, 2, 4, 1, 3, 5])?;
-        let x = b.reshape(&x, &[bs, gh * gw, c * p * p])?;
+        let x = b.patchify(latents, p)?;
         let x = b.linear(&x, &self.patch_embed)?;
-        let m = cfg.pos_embed_max_size.unwrap_or(0);
-        let (top, left) = ((m - gh) / 2, (m - gw) / 2);
-        let pe = b.narrow(&self.pos_embed, 0, top, gh)?;
-        let pe = b.narrow(&pe, 1, left, gw)?;
-        let pe = b.reshape(&pe, &[1, gh * gw, d])?;
+        let pe = b.cropped_pos_embed(&self.pos_embed, latents, p)?;
         let mut x = b.add(&x, &pe)?;
 
         // Conditioning vector: timestep embedding + pooled text projection.
@@ -504,10 +496,7 @@ impl<B: Backend> Mmdit<B> {
         let x = b.linear(&x, &self.proj_out)?;
 
         // Unpatchify: [B, gh, gw, p, p, C] -> [B, C, gh, p, gw, p].
-        let co = cfg.out_channels;
-        let x = b.reshape(&x, &[bs, gh, gw, p, p, co])?;
-        let x = b.permute(&x, &[0, 5, 1, 3, 2, 4])?;
-        b.reshape(&x, &[bs, co, h, w])
+        b.unpatchify(&x, p, latents)
     }
 }
 

@@ -112,24 +112,11 @@ impl<B: Backend> T5Encoder<B> {
 
     /// The `[H, S, S]` additive attention bias for a sequence of `seq` tokens.
     pub fn position_bias(&self, seq: usize) -> HostTensor {
-        let h = self.config.num_heads;
-        let mut data = vec![0.0f32; h * seq * seq];
-        for q in 0..seq {
-            for k in 0..seq {
-                let bucket = relative_position_bucket(
-                    k as i64 - q as i64,
-                    self.config.relative_attention_num_buckets,
-                    self.config.relative_attention_max_distance,
-                );
-                for head in 0..h {
-                    data[(head * seq + q) * seq + k] = self.relative_bias.data[bucket * h + head];
-                }
-            }
-        }
-        HostTensor {
-            shape: vec![h, seq, seq],
-            data,
-        }
+        position_bias(
+            &self.relative_bias,
+            self.config.relative_attention_max_distance,
+            seq,
+        )
     }
 
     /// Last hidden state `[B, S, d_model]` for `batch` sequences of equal length.
@@ -148,13 +135,13 @@ impl<B: Backend> T5Encoder<B> {
         }
         let seq = ids.len() / batch;
         let x = b.embedding(&self.embed, ids, batch, seq)?;
-        self.encode(b, x, seq)
+        self.encode(b, x)
     }
 
     /// [`T5Encoder::forward`] with the ids as a backend tensor `[B, S]` (the ONNX tracer's
-    /// `input_ids` graph input). The relative-position bias is still built on the host for
-    /// the traced length `S` and uploaded: in an exported graph it is a constant
-    /// `[heads, S, S]`, so the text length of an exported T5 is fixed.
+    /// `input_ids` graph input). The relative-position bias is
+    /// [`Backend::relative_position_bias`]: built on the host by default, computed from S
+    /// in the graph by the ONNX tracer, so the text length of an exported T5 is dynamic.
     pub fn forward_ids(&self, b: &B, ids: &B::Tensor) -> Result<B::Tensor> {
         let d = b.dims(ids);
         if d.len() != 2 {
@@ -163,15 +150,16 @@ impl<B: Backend> T5Encoder<B> {
             )));
         }
         let x = b.embedding_ids(&self.embed, ids)?;
-        self.encode(b, x, d[1])
+        self.encode(b, x)
     }
 
     /// The encoder over token embeddings `x [B, S, d_model]`.
-    fn encode(&self, b: &B, mut x: B::Tensor, seq: usize) -> Result<B::Tensor> {
+    fn encode(&self, b: &B, mut x: B::Tensor) -> Result<B::Tensor> {
         let cfg = &self.config;
         let eps = cfg.layer_norm_epsilon as f32;
         let (_, act) = cfg.feed_forward()?;
-        let bias = b.upload(&self.position_bias(seq))?;
+        let bias =
+            b.relative_position_bias(&self.relative_bias, cfg.relative_attention_max_distance, &x)?;
         let params = AttentionParams {
             heads: cfg.num_heads,
             scale: 1.0,
@@ -195,6 +183,25 @@ impl<B: Backend> T5Encoder<B> {
             x = b.add(&x, &b.linear(&g, &layer.wo)?)?;
         }
         b.rms_norm(&x, Some(&self.final_norm), eps)
+    }
+}
+
+/// The `[H, S, S]` additive attention bias for `seq` tokens from the learned table
+/// `[num_buckets, H]`: entry `(h, q, k)` is the table's row for the bucket of `k - q`.
+pub fn position_bias(table: &HostTensor, max_distance: usize, seq: usize) -> HostTensor {
+    let (buckets, h) = (table.shape[0], table.shape[1]);
+    let mut data = vec![0.0f32; h * seq * seq];
+    for q in 0..seq {
+        for k in 0..seq {
+            let bucket = relative_position_bucket(k as i64 - q as i64, buckets, max_distance);
+            for head in 0..h {
+                data[(head * seq + q) * seq + k] = table.data[bucket * h + head];
+            }
+        }
+    }
+    HostTensor {
+        shape: vec![h, seq, seq],
+        data,
     }
 }
 

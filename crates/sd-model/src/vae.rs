@@ -95,10 +95,10 @@ impl<B: Backend> SpatialAttention<B> {
         })
     }
     fn forward(&self, b: &B, x: &B::Tensor, groups: usize) -> Result<B::Tensor> {
-        let d = b.dims(x);
-        let (bs, c, h, w) = (d[0], d[1], d[2], d[3]);
+        let c = b.dims(x)[1];
         let n = b.group_norm(x, groups, &self.norm.0, &self.norm.1, EPS)?;
-        let tokens = b.permute(&b.reshape(&n, &[bs, c, h * w])?, &[0, 2, 1])?;
+        // [B, C, H, W] -> [B, H*W, C]: one-pixel patches.
+        let tokens = b.patchify(&n, 1)?;
         let (q, k, v) = (
             b.linear(&tokens, &self.q)?,
             b.linear(&tokens, &self.k)?,
@@ -111,7 +111,7 @@ impl<B: Backend> SpatialAttention<B> {
             bias: None,
         };
         let o = b.linear(&b.attention(&q, &k, &v, params)?, &self.out)?;
-        let o = b.reshape(&b.permute(&o, &[0, 2, 1])?, &[bs, c, h, w])?;
+        let o = b.unpatchify(&o, 1, x)?;
         b.add(x, &o)
     }
 }

@@ -17,7 +17,7 @@ use crate::graph::{Dim, ElemType};
 use crate::proto::{
     DATA_LOCATION_EXTERNAL, GraphProto, ModelProto, StringStringEntryProto, TensorProto,
 };
-use crate::tracer::{Axis, BATCH, OnnxTracer, QuantizedLayer, Sym, TraceOptions};
+use crate::tracer::{BATCH, OnnxTracer, QuantizedLayer, Sym, TraceOptions, dim_of};
 use crate::{OnnxError, Result};
 
 /// Protobuf cannot hold a message of 2 GiB or more; models with more initializer bytes
@@ -31,14 +31,18 @@ pub struct ExportOptions {
     pub compute: ElemType,
     /// TensorRT conventions (E4M3 only; see [`TraceOptions::for_tensorrt`]).
     pub for_tensorrt: bool,
-    /// Latent height and width of the transformer and VAE graphs (default: the
-    /// transformer's `sample_size`, i.e. 128 = 1024 px for SD3).
+    /// Latent height and width the transformer and VAE graphs are traced at (default:
+    /// the transformer's `sample_size`, i.e. 128 = 1024 px for SD3); both are dynamic
+    /// axes of the graphs, this size only has to be a valid one.
     pub latent_size: Option<(usize, usize)>,
-    /// Context length of the transformer graph (default: CLIP's 77 + `t5_len`).
+    /// Context length the transformer graph is traced at (dynamic; default: CLIP's 77 +
+    /// `t5_len`).
     pub text_len: Option<usize>,
-    /// Token count of the CLIP graphs (default: `max_position_embeddings`, 77).
+    /// Token count the CLIP graphs are traced at (dynamic, up to
+    /// `max_position_embeddings`; default: that, 77).
     pub clip_len: Option<usize>,
-    /// Token count of the T5 graph (default 256, diffusers' `max_sequence_length`).
+    /// Token count the T5 graph is traced at (dynamic; default 256, diffusers'
+    /// `max_sequence_length`).
     pub t5_len: usize,
     /// Initializer bytes above which weights go to external data.
     pub external_data_threshold: usize,
@@ -72,13 +76,18 @@ const TRACE_BATCH: usize = 2;
 
 /// The name of the transformer's dynamic text (context) length.
 pub const TEXT_LEN: &str = "text_len";
+/// The names of the dynamic latent height and width (transformer and VAE inputs).
+pub const HEIGHT: &str = "height";
+pub const WIDTH: &str = "width";
+/// The name of the text encoders' dynamic token count.
+pub const SEQ_LEN: &str = "seq_len";
 
 /// One graph input or output, for documentation and the export manifest.
 #[derive(Clone, Debug, PartialEq)]
 pub struct IoSpec {
     pub name: String,
     pub elem: ElemType,
-    /// Fixed sizes and named dynamic ones (`batch`, `text_len`).
+    /// Fixed sizes and named dynamic ones (`batch`, `height`, `8*width`, ...).
     pub dims: Vec<Dim>,
 }
 
@@ -91,11 +100,7 @@ impl IoSpec {
                 .dims
                 .iter()
                 .zip(&v.axes)
-                .map(|(&d, a)| match a {
-                    Axis::Fixed => Dim::Fixed(d),
-                    Axis::Dyn(n) => Dim::Named(n.clone()),
-                    Axis::Joined { prefix, name } => Dim::Named(format!("{prefix}+{name}")),
-                })
+                .map(|(&d, a)| dim_of(d, a))
                 .collect(),
         }
     }
@@ -137,8 +142,9 @@ pub struct ExportedModel {
     pub outputs: Vec<IoSpec>,
     pub quantized: Vec<QuantizedLayer>,
     pub initializer_bytes: usize,
-    /// Constants computed on the host for the traced shapes (name, shape): the T5
-    /// relative-position bias; positional tables of checkpoints without them.
+    /// Tensors the model code computed on the host and uploaded (name, shape): only the
+    /// positional table of checkpoints without one (a function of the config, not of
+    /// the traced sizes).
     pub host_constants: Vec<(String, Vec<usize>)>,
 }
 
@@ -176,9 +182,12 @@ fn finish(
     }
 }
 
-/// The transformer: `hidden_states [batch, C, H, W]`, `encoder_hidden_states
-/// [batch, S, joint_attention_dim]`, `pooled_projections [batch, pooled_projection_dim]`
-/// (compute type), `timestep [batch]` (float32) -> `sample [batch, C, H, W]`.
+/// The transformer: `hidden_states [batch, C, height, width]`, `encoder_hidden_states
+/// [batch, text_len, joint_attention_dim]`, `pooled_projections [batch,
+/// pooled_projection_dim]` (compute type), `timestep [batch]` (float32) -> `sample
+/// [batch, C, height, width]`. Height and width are dynamic (multiples of the patch size
+/// up to `pos_embed_max_size` patches): patchify, the centre crop of the positional
+/// table and unpatchify compute their shapes from the input's in the graph.
 pub fn trace_transformer(
     cfg: &TransformerConfig,
     src: &dyn WeightSource,
@@ -193,7 +202,13 @@ pub fn trace_transformer(
     let s = opts.text_len.unwrap_or(77 + opts.t5_len);
     let c = opts.compute;
     let b = TRACE_BATCH;
-    let (i0, x) = input(&t, "hidden_states", c, &[b, cfg.in_channels, h, w], &[]);
+    let (i0, x) = input(
+        &t,
+        "hidden_states",
+        c,
+        &[b, cfg.in_channels, h, w],
+        &[(2, HEIGHT), (3, WIDTH)],
+    );
     let (i1, ctx) = input(
         &t,
         "encoder_hidden_states",
@@ -221,8 +236,9 @@ pub fn trace_transformer(
     ))
 }
 
-/// A CLIP text encoder: `input_ids [batch, L]` (int64) -> `penultimate_hidden_state
-/// [batch, L, hidden]`, `text_embeds [batch, projection_dim]`.
+/// A CLIP text encoder: `input_ids [batch, seq_len]` (int64, seq_len up to
+/// `max_position_embeddings`) -> `penultimate_hidden_state [batch, seq_len, hidden]`,
+/// `text_embeds [batch, projection_dim]`; positions and the causal mask follow seq_len.
 pub fn trace_clip(
     file: &str,
     cfg: &ClipConfig,
@@ -233,7 +249,7 @@ pub fn trace_clip(
     let model = ClipTextModel::load(&t, cfg.clone(), src, &PrecisionPlan::default())?;
     let l = opts.clip_len.unwrap_or(cfg.max_position_embeddings);
     let b = TRACE_BATCH;
-    let (inp, ids) = input(&t, "input_ids", ElemType::I64, &[b, l], &[]);
+    let (inp, ids) = input(&t, "input_ids", ElemType::I64, &[b, l], &[(1, SEQ_LEN)]);
     let out = model.forward_ids(&t, &ids)?;
     let outputs = vec![
         ("penultimate_hidden_state", &out.penultimate),
@@ -244,10 +260,10 @@ pub fn trace_clip(
     Ok(finish(file, t, vec![inp], outputs, doc))
 }
 
-/// The T5 encoder: `input_ids [batch, L]` (int64) -> `last_hidden_state [batch, L, d_model]`.
-/// L is fixed: the relative-position bias is a constant `[heads, L, L]` built for it.
-/// T5's graph; `plan` gives its FP8 layers when T5 was calibrated for FP8 (Q/DQ as in
-/// the transformer), otherwise it names none of T5's layers.
+/// The T5 encoder: `input_ids [batch, seq_len]` (int64) -> `last_hidden_state [batch,
+/// seq_len, d_model]`, seq_len dynamic: the relative-position bias `[heads, seq_len,
+/// seq_len]` is computed in the graph. `plan` gives T5's FP8 layers when T5 was
+/// calibrated for FP8 (Q/DQ as in the transformer), otherwise it names none of them.
 pub fn trace_t5(
     cfg: &T5Config,
     src: &dyn WeightSource,
@@ -257,10 +273,16 @@ pub fn trace_t5(
     let t = OnnxTracer::new(opts.trace())?;
     let model = T5Encoder::load(&t, cfg.clone(), src, plan)?;
     let b = TRACE_BATCH;
-    let (inp, ids) = input(&t, "input_ids", ElemType::I64, &[b, opts.t5_len], &[]);
+    let (inp, ids) = input(
+        &t,
+        "input_ids",
+        ElemType::I64,
+        &[b, opts.t5_len],
+        &[(1, SEQ_LEN)],
+    );
     let out = model.forward_ids(&t, &ids)?;
     let doc = "T5 encoder (T5EncoderModel) last hidden state; the relative-position bias \
-               is a constant for the exported text length.";
+               is computed in the graph for the input's length.";
     Ok(finish(
         "t5.onnx",
         t,
@@ -270,9 +292,10 @@ pub fn trace_t5(
     ))
 }
 
-/// The VAE decoder: `latent [batch, latent_channels, h, w]` (the denoised latents as
-/// the scheduler leaves them; the graph unscales them) -> `image [batch, 3, 8h, 8w]`
-/// in about [-1, 1].
+/// The VAE decoder: `latent [batch, latent_channels, height, width]` (the denoised
+/// latents as the scheduler leaves them; the graph unscales them) -> `image [batch, 3,
+/// 8*height, 8*width]` in about [-1, 1]; `latent` is the traced size, height and width
+/// are dynamic.
 pub fn trace_vae(
     cfg: &VaeConfig,
     src: &dyn WeightSource,
@@ -288,7 +311,7 @@ pub fn trace_vae(
         "latent",
         opts.compute,
         &[b, cfg.latent_channels, h, w],
-        &[],
+        &[(2, HEIGHT), (3, WIDTH)],
     );
     let z = model.unscale_latents(&t, &z)?;
     let img = model.decode(&t, &z)?;

@@ -12,10 +12,18 @@
 //! Host-side computations of the model code have graph-building counterparts (Backend
 //! methods with host-side defaults): the timestep embedding (the timestep is a graph
 //! input), token embeddings and the pooled-token choice (the ids are an int64 graph
-//! input; ArgMax / Equal in the graph). Anything else the model code uploads becomes a
-//! recorded constant ([`ExportedModel::host_constants`]): the T5 relative-position bias
-//! for the exported text length. Dynamic axes: the batch everywhere, and the
-//! transformer's text length; other sizes are fixed at export time.
+//! input; ArgMax / Equal in the graph), the T5 relative-position bias (Range / Sub /
+//! Clip on the length, then a Gather of bucket ids and of the learned table). Anything
+//! else the model code uploads becomes a recorded constant
+//! ([`ExportedModel::host_constants`]; only the positional table of a checkpoint
+//! without one).
+//!
+//! Dynamic axes: the batch everywhere; the latent height and width of the transformer
+//! and the VAE decoder (patchify / unpatchify and the centre crop of the positional
+//! table compute their shapes and bounds from `Shape` in the graph); the transformer's
+//! text length; the token count of CLIP (up to `max_position_embeddings`; positions
+//! sliced and the causal mask built in the graph) and of T5. The sizes given at export
+//! are only the traced ones.
 //!
 //! The ONNX messages are prost types declared in [`proto`] from the ONNX spec's field
 //! numbers (no code generation, no protoc).

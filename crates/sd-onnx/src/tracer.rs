@@ -2,11 +2,16 @@
 //! and an element type) and whose operations append ONNX nodes. Running the model code
 //! of `sd-model` on it builds the ONNX graph of exactly that code.
 //!
-//! Dynamic axes: graph inputs may declare axes dynamic (the batch, the transformer's
-//! text length); every value records which of its axes are dynamic ([`Axis`]), reshapes
-//! keep them with ONNX's `0` (copy) dimension, a slice of a dynamic axis runs to its end,
-//! and an operation that would need arithmetic on a dynamic size is refused rather than
-//! traced with the traced size baked in.
+//! Dynamic axes: graph inputs may declare axes dynamic (the batch, latent height and
+//! width, text lengths); every value records which of its axes are dynamic ([`Axis`]),
+//! reshapes keep them with ONNX's `0` (copy) dimension, a concatenation remembers where
+//! each dynamic part's size can be read so that a slice back to whole parts takes its
+//! bounds from `Shape` in the graph, and an operation that would need arithmetic on a
+//! dynamic size is refused rather than traced with the traced size baked in. Where the
+//! model needs such arithmetic (patchify / unpatchify, the positional crop, CLIP's
+//! positions and causal mask, T5's relative-position bias, group norm), the tracer's
+//! Backend methods compute the shapes from `Shape` / `Div` / `Concat` / `Range` in the
+//! graph.
 
 use std::collections::HashMap;
 use std::sync::{Mutex, MutexGuard};
@@ -34,15 +39,82 @@ pub const BATCH: &str = "batch";
 pub enum Axis {
     /// The traced size, for every input.
     Fixed,
-    /// A dynamic size named in the graph's inputs.
+    /// A dynamic size; the name says how it follows from the graph's input sizes.
     Dyn(String),
-    /// `prefix` fixed entries followed by a dynamic part (a concatenation).
-    Joined { prefix: usize, name: String },
+    /// A concatenation of parts, at least one of them dynamic (adjacent fixed parts merged).
+    Joined(Vec<Part>),
+}
+
+/// One part of a [`Axis::Joined`] axis.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Part {
+    /// The traced size.
+    pub len: usize,
+    /// For a dynamic part: where the graph can read its size.
+    pub dynamic: Option<DynSize>,
+}
+
+/// A dynamic size and a graph value holding it: axis `axis` of value `value`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DynSize {
+    pub name: String,
+    pub value: String,
+    pub axis: usize,
 }
 
 impl Axis {
     pub fn is_dyn(&self) -> bool {
         !matches!(self, Self::Fixed)
+    }
+
+    /// The size's name in graph inputs and outputs (`traced` for a fixed axis).
+    pub fn label(&self, traced: usize) -> String {
+        match self {
+            Self::Fixed => traced.to_string(),
+            Self::Dyn(n) => n.clone(),
+            Self::Joined(parts) => {
+                let names: Vec<String> = parts
+                    .iter()
+                    .map(|p| match &p.dynamic {
+                        Some(d) => d.name.clone(),
+                        None => p.len.to_string(),
+                    })
+                    .collect();
+                names.join("+")
+            }
+        }
+    }
+
+    /// This axis after an operation that maps its size `n` to `op(n)`, traced `from` ->
+    /// `to` (`name` says it for dynamic sizes, e.g. `2*{}`).
+    fn map(&self, from: usize, to: usize, name: &str) -> Self {
+        match self {
+            Self::Fixed => Self::Fixed,
+            _ if from == to => self.clone(),
+            a => {
+                let inner = a.label(from);
+                let inner = if matches!(a, Self::Dyn(_)) && !inner.contains(['+', '-']) {
+                    inner
+                } else {
+                    format!("({inner})")
+                };
+                Self::Dyn(name.replace("{}", &inner))
+            }
+        }
+    }
+
+    /// This axis with `k` times its size (traced `from`): `2*height`, then `4*height`.
+    fn scaled(&self, from: usize, k: usize) -> Self {
+        let factor = match self {
+            Self::Dyn(n) => n
+                .split_once('*')
+                .and_then(|(f, rest)| Some((f.parse::<usize>().ok()?, rest))),
+            _ => None,
+        };
+        match factor {
+            Some((f, rest)) => Self::Dyn(format!("{}*{rest}", f * k)),
+            None => self.map(from, from * k, &format!("{k}*{{}}")),
+        }
     }
 }
 
@@ -73,11 +145,11 @@ impl Sym {
     }
 }
 
-fn dim_of(d: usize, a: &Axis) -> Dim {
+/// An axis as a graph input or output dimension.
+pub fn dim_of(d: usize, a: &Axis) -> Dim {
     match a {
         Axis::Fixed => Dim::Fixed(d),
-        Axis::Dyn(n) => Dim::Named(n.clone()),
-        Axis::Joined { prefix, name } => Dim::Named(format!("{prefix}+{name}")),
+        a => Dim::Named(a.label(d)),
     }
 }
 
@@ -153,17 +225,6 @@ fn fp8_elem(f: Fp8Format) -> ElemType {
 
 fn ints(v: &[usize]) -> Vec<i64> {
     v.iter().map(|&x| x as i64).collect()
-}
-
-/// ONNX Runtime's `-inf` handling in Softmax is exact; the causal mask is additive.
-fn causal_mask(sq: usize, sk: usize) -> Vec<f32> {
-    let mut m = vec![0.0f32; sq * sk];
-    for i in 0..sq {
-        for j in i + 1..sk {
-            m[i * sk + j] = f32::NEG_INFINITY;
-        }
-    }
-    m
 }
 
 impl OnnxTracer {
@@ -476,6 +537,115 @@ impl OnnxTracer {
         Ok(())
     }
 
+    /// The additive causal mask `[Sq, Sk]` of q `[B, Sq, ..]` and k `[B, Sk, ..]`: -inf
+    /// where the key comes after the query, 0 elsewhere, built in the graph from the
+    /// lengths (Range, Greater, Where), so it follows dynamic lengths. ONNX Runtime's
+    /// Softmax handles the -inf entries exactly.
+    fn causal_mask(&self, q: &Sym, k: &Sym, elem: ElemType) -> Sym {
+        let sq = self.shape_of(q, 1, 2);
+        let sk = self.shape_of(k, 1, 2);
+        let n = {
+            let mut st = self.st();
+            let zero = st.g.const_i64("zero", &[0], &[]);
+            let one = st.g.const_i64("one", &[1], &[]);
+            let mut positions = |len: &str, axis: i64| {
+                let ax0 = st.g.ints("axes", &[0]);
+                let len = st.g.op("Squeeze", "causal_mask", &[len, &ax0], &[]);
+                let r = st.g.op("Range", "causal_mask", &[&zero, &len, &one], &[]);
+                let ax = st.g.ints("axes", &[axis]);
+                st.g.op("Unsqueeze", "causal_mask", &[&r, &ax], &[])
+            };
+            let rows = positions(&sq, 1);
+            let cols = positions(&sk, 0);
+            let later = st.g.op("Greater", "causal_mask", &[&cols, &rows], &[]);
+            let ninf = st.g.scalar(ElemType::F32, f32::NEG_INFINITY);
+            let zf = st.g.scalar(ElemType::F32, 0.0);
+            let m = st.g.op("Where", "causal_mask", &[&later, &ninf, &zf], &[]);
+            if elem == ElemType::F32 {
+                m
+            } else {
+                st.g.op(
+                    "Cast",
+                    "causal_mask",
+                    &[&m],
+                    &[("to", Attr::Int(elem.onnx() as i64))],
+                )
+            }
+        };
+        Sym {
+            name: n,
+            dims: vec![q.dims[1], k.dims[1]],
+            elem,
+            axes: vec![q.axes[1].clone(), k.axes[1].clone()],
+        }
+    }
+
+    /// Element `i` of a 1-D int64 value, as a 1-D value of one element.
+    fn slice1(&self, st: &mut State, v: &str, i: i64) -> String {
+        let s = st.g.ints("starts", &[i]);
+        let e = st.g.ints("ends", &[i + 1]);
+        st.g.op("Slice", "element", &[v, &s, &e], &[])
+    }
+
+    /// The token axis of `like [B, C, H, W]` cut into patches of `patch`.
+    fn tokens_axis(&self, like: &Sym, patch: usize) -> Axis {
+        let (h, w) = (&like.axes[2], &like.axes[3]);
+        if !h.is_dyn() && !w.is_dyn() {
+            return Axis::Fixed;
+        }
+        let part = |a: &Axis, n: usize| {
+            let l = a.label(n);
+            let l = if l.contains('+') { format!("({l})") } else { l };
+            if patch == 1 {
+                l
+            } else {
+                format!("{l}/{patch}")
+            }
+        };
+        Axis::Dyn(format!(
+            "{}*{}",
+            part(h, like.dims[2]),
+            part(w, like.dims[3])
+        ))
+    }
+
+    /// `Shape(x)[start..end]`: a 1-D int64 value.
+    fn shape_of(&self, x: &Sym, start: usize, end: usize) -> String {
+        self.st().g.op(
+            "Shape",
+            "shape",
+            &[&x.name],
+            &[
+                ("start", Attr::Int(start as i64)),
+                ("end", Attr::Int(end as i64)),
+            ],
+        )
+    }
+
+    /// The total size of some parts of a joined axis: a 1-D int64 value of one element.
+    fn parts_size(&self, parts: &[Part]) -> String {
+        let fixed: usize = parts
+            .iter()
+            .filter(|p| p.dynamic.is_none())
+            .map(|p| p.len)
+            .sum();
+        let mut st = self.st();
+        let mut total = st.g.ints("size", &[fixed as i64]);
+        for d in parts.iter().filter_map(|p| p.dynamic.as_ref()) {
+            let size = st.g.op(
+                "Shape",
+                "shape",
+                &[&d.value],
+                &[
+                    ("start", Attr::Int(d.axis as i64)),
+                    ("end", Attr::Int(d.axis as i64 + 1)),
+                ],
+            );
+            total = st.g.op("Add", "size", &[&total, &size], &[]);
+        }
+        total
+    }
+
     fn check_format(&self, layer: &str, what: &str, f: Fp8Format) -> Result<()> {
         if self.opts.for_tensorrt && f == Fp8Format::E5M2 {
             return Err(err(format!(
@@ -767,13 +937,37 @@ impl Backend for OnnxTracer {
             return Err(err(format!("group_norm: shape {d:?} with {groups} groups")));
         }
         let (b, c, h, w) = (d[0], d[1], d[2], d[3]);
-        let r = self.reshape_sym(x, &[b, groups, c / groups * h * w])?;
+        // [B, G, C/G*H*W] with the sizes read from the graph (-1), and back to x's shape.
+        let r = {
+            let mut st = self.st();
+            let shape = st.g.ints("shape", &[0, groups as i64, -1]);
+            st.g.op("Reshape", "group_norm", &[&x.name, &shape], &[])
+        };
+        let merged = x.axes[1..]
+            .iter()
+            .any(Axis::is_dyn)
+            .then(|| Axis::Dyn(format!("{}*{}", x.axes[2].label(h), x.axes[3].label(w))));
+        let r = Sym {
+            name: r,
+            dims: vec![b, groups, c / groups * h * w],
+            elem: x.elem,
+            axes: vec![
+                x.axes[0].clone(),
+                Axis::Fixed,
+                merged.unwrap_or(Axis::Fixed),
+            ],
+        };
         let mean = self.reduce_mean_last(&r, 2);
         let dlt = self.binary("Sub", &r, &mean);
         let var = self.reduce_mean_last(&self.binary("Mul", &dlt, &dlt), 2);
         let std = self.unary("Sqrt", &self.with_scalar("Add", &var, eps));
         let n = self.binary("Div", &dlt, &std);
-        let n = self.reshape_sym(&n, &[b, c, h, w])?;
+        let shape = self.shape_of(x, 0, 4);
+        let n = self
+            .st()
+            .g
+            .op("Reshape", "group_norm", &[&n.name, &shape], &[]);
+        let n = self.like(x, n, d.clone());
         let g3 = self.reshape_sym(gamma, &[c, 1, 1])?;
         let b3 = self.reshape_sym(beta, &[c, 1, 1])?;
         Ok(self.binary("Add", &self.binary("Mul", &n, &g3), &b3))
@@ -818,7 +1012,11 @@ impl Backend for OnnxTracer {
                 ("strides", Attr::Ints(vec![p.stride as i64; 2])),
             ],
         );
-        let y = self.like(&xc, n, vec![xd[0], wd[0], oh, ow]);
+        let mut y = self.like(&xc, n, vec![xd[0], wd[0], oh, ow]);
+        let size = format!("({{}}+{}-{kh})/{}+1", 2 * p.padding, p.stride);
+        y.axes[2] = x.axes[2].map(xd[2], oh, &size);
+        let size = format!("({{}}+{}-{kw})/{}+1", 2 * p.padding, p.stride);
+        y.axes[3] = x.axes[3].map(xd[3], ow, &size);
         Ok(self.cast(&y, x.elem))
     }
 
@@ -845,7 +1043,10 @@ impl Backend for OnnxTracer {
                 ],
             )
         };
-        Ok(self.like(x, n, vec![d[0], d[1], 2 * d[2], 2 * d[3]]))
+        let mut y = self.like(x, n, vec![d[0], d[1], 2 * d[2], 2 * d[3]]);
+        y.axes[2] = x.axes[2].scaled(d[2], 2);
+        y.axes[3] = x.axes[3].scaled(d[3], 2);
+        Ok(y)
     }
 
     fn attention(&self, q: &Sym, k: &Sym, v: &Sym, p: AttentionParams<'_, Sym>) -> Result<Sym> {
@@ -874,11 +1075,6 @@ impl Backend for OnnxTracer {
             qh.axes[2].clone(),
             kh.axes[3].clone(),
         ];
-        if (p.bias.is_some() || p.causal) && (s.axes[2].is_dyn() || s.axes[3].is_dyn()) {
-            return Err(err(
-                "attention with a bias or a causal mask over a dynamic sequence length",
-            ));
-        }
         let mut s = self.with_scalar("Mul", &s, p.scale);
         if let Some(bias) = p.bias {
             if bias.dims != [h, sq, sk] {
@@ -888,14 +1084,18 @@ impl Backend for OnnxTracer {
                     [h, sq, sk]
                 )));
             }
+            // A bias of the traced size over a dynamic length would be baked in.
+            if (s.axes[2].is_dyn() && !bias.axes[1].is_dyn())
+                || (s.axes[3].is_dyn() && !bias.axes[2].is_dyn())
+            {
+                return Err(err(
+                    "attention over a dynamic sequence length with a bias of fixed size",
+                ));
+            }
             s = self.binary("Add", &s, bias);
         }
         if p.causal {
-            let m = {
-                let mut st = self.st();
-                st.g.const_f("causal_mask", s.elem, &causal_mask(sq, sk), &[sq, sk])
-            };
-            let mask = Sym::fixed(m, vec![sq, sk], s.elem);
+            let mask = self.causal_mask(q, k, s.elem);
             s = self.binary("Add", &s, &mask);
         }
         let pr = {
@@ -975,21 +1175,41 @@ impl Backend for OnnxTracer {
         if dim >= r || parts.iter().any(|p| p.dims.len() != r) {
             return Err(err(format!("concat along {dim} of {:?}", first.dims)));
         }
-        // Along `dim`: fixed parts, optionally followed by one dynamic part.
-        let along: Vec<&Axis> = parts.iter().map(|p| &p.axes[dim]).collect();
-        let (last, init) = along.split_last().ok_or_else(|| err("concat of nothing"))?;
-        let axis = match (last, init.iter().all(|a| !a.is_dyn())) {
-            (Axis::Fixed, true) => Axis::Fixed,
-            (Axis::Dyn(name), true) => Axis::Joined {
-                prefix: parts[..parts.len() - 1].iter().map(|p| p.dims[dim]).sum(),
-                name: name.clone(),
-            },
-            _ => {
-                return Err(err(format!(
-                    "concat along {dim}: only fixed parts followed by one dynamic part are \
-                     supported, got {along:?}"
-                )));
+        // Along `dim`: the parts, each dynamic one with a value that holds its size, so
+        // that a later narrow can cut them apart again.
+        let mut joined: Vec<Part> = Vec::new();
+        for p in parts {
+            let pieces = match &p.axes[dim] {
+                Axis::Fixed => vec![Part {
+                    len: p.dims[dim],
+                    dynamic: None,
+                }],
+                Axis::Dyn(name) => vec![Part {
+                    len: p.dims[dim],
+                    dynamic: Some(DynSize {
+                        name: name.clone(),
+                        value: p.name.clone(),
+                        axis: dim,
+                    }),
+                }],
+                Axis::Joined(ps) => ps.clone(),
+            };
+            for piece in pieces {
+                match joined.last_mut() {
+                    Some(last) if last.dynamic.is_none() && piece.dynamic.is_none() => {
+                        last.len += piece.len;
+                    }
+                    _ => joined.push(piece),
+                }
             }
+        }
+        let axis = match joined.as_slice() {
+            [] => return Err(err("concat of nothing")),
+            [one] => match &one.dynamic {
+                None => Axis::Fixed,
+                Some(d) => Axis::Dyn(d.name.clone()),
+            },
+            _ => Axis::Joined(joined),
         };
         let mut axes: Vec<Axis> = (0..r)
             .map(|i| {
@@ -1026,16 +1246,60 @@ impl Backend for OnnxTracer {
             )));
         }
         let full = x.dims[dim];
-        // On a dynamic axis only a fixed prefix, or the dynamic rest to the end, is a
-        // slice that does not depend on the traced size.
-        let (end, axis) = match &x.axes[dim] {
-            Axis::Fixed => ((start + len) as i64, Axis::Fixed),
-            Axis::Dyn(_) if start == 0 && len == full => return Ok(x.clone()),
-            Axis::Joined { prefix, .. } if start + len <= *prefix => {
-                ((start + len) as i64, Axis::Fixed)
+        // On a dynamic axis only a range within a fixed prefix, or a run of whole parts of
+        // a concatenation, is a slice that does not depend on the traced sizes.
+        let (starts, ends, axis) = match &x.axes[dim] {
+            Axis::Fixed => {
+                let mut st = self.st();
+                let s = st.g.ints("starts", &[start as i64]);
+                let e = st.g.ints("ends", &[(start + len) as i64]);
+                (s, e, Axis::Fixed)
             }
-            Axis::Joined { prefix, name } if start == *prefix && start + len == full => {
-                (i64::MAX, Axis::Dyn(name.clone()))
+            Axis::Dyn(_) if start == 0 && len == full => return Ok(x.clone()),
+            Axis::Joined(parts)
+                if parts
+                    .first()
+                    .is_some_and(|p| p.dynamic.is_none() && start + len <= p.len) =>
+            {
+                let mut st = self.st();
+                let s = st.g.ints("starts", &[start as i64]);
+                let e = st.g.ints("ends", &[(start + len) as i64]);
+                (s, e, Axis::Fixed)
+            }
+            Axis::Joined(parts) => {
+                let offsets: Vec<usize> = std::iter::once(0)
+                    .chain(parts.iter().scan(0, |o, p| {
+                        *o += p.len;
+                        Some(*o)
+                    }))
+                    .collect();
+                let i0 = offsets.iter().position(|&o| o == start);
+                let i1 =
+                    i0.and_then(|i0| (i0 + 1..offsets.len()).find(|&i| offsets[i] == start + len));
+                let (Some(i0), Some(i1)) = (i0, i1) else {
+                    return Err(err(format!(
+                        "narrow {start}+{len} of the joined axis {dim} ({}) of {:?} does \
+                         not select whole parts",
+                        x.axes[dim].label(full),
+                        x.dims
+                    )));
+                };
+                let s = self.parts_size(&parts[..i0]);
+                let e = if i1 == parts.len() {
+                    self.st().g.ints("ends", &[i64::MAX])
+                } else {
+                    self.parts_size(&parts[..i1])
+                };
+                let sel = &parts[i0..i1];
+                let axis = match sel {
+                    [one] => match &one.dynamic {
+                        None => Axis::Fixed,
+                        Some(d) => Axis::Dyn(d.name.clone()),
+                    },
+                    _ if sel.iter().all(|p| p.dynamic.is_none()) => Axis::Fixed,
+                    _ => Axis::Joined(sel.to_vec()),
+                };
+                (s, e, axis)
             }
             a => {
                 return Err(err(format!(
@@ -1046,10 +1310,8 @@ impl Backend for OnnxTracer {
         };
         let n = {
             let mut st = self.st();
-            let s = st.g.ints("starts", &[start as i64]);
-            let e = st.g.ints("ends", &[end]);
             let a = st.g.ints("axes", &[dim as i64]);
-            st.g.op("Slice", "narrow", &[&x.name, &s, &e, &a], &[])
+            st.g.op("Slice", "narrow", &[&x.name, &starts, &ends, &a], &[])
         };
         let mut dims = x.dims.clone();
         dims[dim] = len;
@@ -1204,6 +1466,286 @@ impl Backend for OnnxTracer {
         Ok(self.cast(&e, self.opts.compute))
     }
 
+    fn patchify(&self, x: &Sym, patch: usize) -> Result<Sym> {
+        let d = &x.dims;
+        if d.len() != 4 || patch == 0 || !d[2].is_multiple_of(patch) || !d[3].is_multiple_of(patch)
+        {
+            return Err(err(format!("cannot cut {d:?} into patches of {patch}")));
+        }
+        let (b, c, h, w) = (d[0], d[1], d[2], d[3]);
+        let p = patch as i64;
+        let x6 = if patch == 1 {
+            x.name.clone()
+        } else {
+            // [B, C, H/p, p, W/p, p], with H/p and W/p computed from the input's shape.
+            let hw = self.shape_of(x, 2, 4);
+            let mut st = self.st();
+            let ps = st.g.ints("patch", &[p]);
+            let g = st.g.op("Div", "patchify", &[&hw, &ps], &[]);
+            let gh = self.slice1(&mut st, &g, 0);
+            let gw = self.slice1(&mut st, &g, 1);
+            let head = st.g.ints("shape", &[0, c as i64]);
+            let shape = st.g.op(
+                "Concat",
+                "patchify",
+                &[&head, &gh, &ps, &gw, &ps],
+                &[("axis", Attr::Int(0))],
+            );
+            let r = st.g.op("Reshape", "patchify", &[&x.name, &shape], &[]);
+            st.g.op(
+                "Transpose",
+                "patchify",
+                &[&r],
+                &[("perm", Attr::Ints(vec![0, 2, 4, 1, 3, 5]))],
+            )
+        };
+        let n = {
+            let mut st = self.st();
+            // [B, H/p*W/p, C*p*p], or [B, C, H*W] to be transposed when p is 1.
+            let target = if patch == 1 {
+                [0, c as i64, -1]
+            } else {
+                [0, -1, c as i64 * p * p]
+            };
+            let shape = st.g.ints("shape", &target);
+            let r = st.g.op("Reshape", "patchify", &[&x6, &shape], &[]);
+            if patch == 1 {
+                st.g.op(
+                    "Transpose",
+                    "patchify",
+                    &[&r],
+                    &[("perm", Attr::Ints(vec![0, 2, 1]))],
+                )
+            } else {
+                r
+            }
+        };
+        Ok(Sym {
+            name: n,
+            dims: vec![b, (h / patch) * (w / patch), c * patch * patch],
+            elem: x.elem,
+            axes: vec![x.axes[0].clone(), self.tokens_axis(x, patch), Axis::Fixed],
+        })
+    }
+
+    fn unpatchify(&self, x: &Sym, patch: usize, like: &Sym) -> Result<Sym> {
+        let (d, l) = (&x.dims, &like.dims);
+        if d.len() != 3
+            || l.len() != 4
+            || patch == 0
+            || !l[2].is_multiple_of(patch)
+            || !l[3].is_multiple_of(patch)
+            || d[1] != (l[2] / patch) * (l[3] / patch)
+            || !d[2].is_multiple_of(patch * patch)
+        {
+            return Err(err(format!(
+                "cannot lay {d:?} out in patches of {patch} over {l:?}"
+            )));
+        }
+        let c = d[2] / (patch * patch);
+        let p = patch as i64;
+        let hw = self.shape_of(like, 2, 4);
+        let n = {
+            let mut st = self.st();
+            let x6 = if patch == 1 {
+                st.g.op(
+                    "Transpose",
+                    "unpatchify",
+                    &[&x.name],
+                    &[("perm", Attr::Ints(vec![0, 2, 1]))],
+                )
+            } else {
+                // [B, H/p, W/p, p, p, C] -> [B, C, H/p, p, W/p, p].
+                let ps = st.g.ints("patch", &[p]);
+                let g = st.g.op("Div", "unpatchify", &[&hw, &ps], &[]);
+                let head = st.g.ints("shape", &[0]);
+                let tail = st.g.ints("shape", &[p, p, c as i64]);
+                let shape = st.g.op(
+                    "Concat",
+                    "unpatchify",
+                    &[&head, &g, &tail],
+                    &[("axis", Attr::Int(0))],
+                );
+                let r = st.g.op("Reshape", "unpatchify", &[&x.name, &shape], &[]);
+                st.g.op(
+                    "Transpose",
+                    "unpatchify",
+                    &[&r],
+                    &[("perm", Attr::Ints(vec![0, 5, 1, 3, 2, 4]))],
+                )
+            };
+            let head = st.g.ints("shape", &[0, c as i64]);
+            let shape = st.g.op(
+                "Concat",
+                "unpatchify",
+                &[&head, &hw],
+                &[("axis", Attr::Int(0))],
+            );
+            st.g.op("Reshape", "unpatchify", &[&x6, &shape], &[])
+        };
+        Ok(Sym {
+            name: n,
+            dims: vec![d[0], c, l[2], l[3]],
+            elem: x.elem,
+            axes: vec![
+                x.axes[0].clone(),
+                Axis::Fixed,
+                like.axes[2].clone(),
+                like.axes[3].clone(),
+            ],
+        })
+    }
+
+    fn cropped_pos_embed(&self, table: &Sym, like: &Sym, patch: usize) -> Result<Sym> {
+        let (t, l) = (&table.dims, &like.dims);
+        if t.len() != 3 || t[0] != t[1] || l.len() != 4 || patch == 0 {
+            return Err(err(format!(
+                "cannot crop the positional table {t:?} for {l:?} in patches of {patch}"
+            )));
+        }
+        let (m, gh, gw) = (t[0], l[2] / patch, l[3] / patch);
+        if gh > m || gw > m {
+            return Err(err(format!(
+                "{gh}x{gw} patches exceed the positional table of {m}x{m}"
+            )));
+        }
+        // The window [(M - gh) / 2, + gh) x [(M - gw) / 2, + gw), bounds from the shape.
+        // A window larger than the table starts at 0 (not at a negative start, which
+        // Slice would count from the end) and is cut short at M, so that the positions do
+        // not match the tokens and the graph fails instead of broadcasting a wrong crop.
+        let hw = self.shape_of(like, 2, 4);
+        let n = {
+            let mut st = self.st();
+            let ps = st.g.ints("patch", &[patch as i64]);
+            let g = st.g.op("Div", "cropped_pos_embed", &[&hw, &ps], &[]);
+            let mm = st.g.ints("pos_embed_max_size", &[m as i64, m as i64]);
+            let free = st.g.op("Sub", "cropped_pos_embed", &[&mm, &g], &[]);
+            let zeros = st.g.ints("zeros", &[0, 0]);
+            let free = st.g.op("Max", "cropped_pos_embed", &[&free, &zeros], &[]);
+            let two = st.g.ints("two", &[2]);
+            let starts = st.g.op("Div", "cropped_pos_embed", &[&free, &two], &[]);
+            let ends = st.g.op("Add", "cropped_pos_embed", &[&starts, &g], &[]);
+            let axes = st.g.ints("axes", &[0, 1]);
+            let win = st.g.op(
+                "Slice",
+                "cropped_pos_embed",
+                &[&table.name, &starts, &ends, &axes],
+                &[],
+            );
+            let shape = st.g.ints("shape", &[1, -1, t[2] as i64]);
+            st.g.op("Reshape", "cropped_pos_embed", &[&win, &shape], &[])
+        };
+        Ok(Sym {
+            name: n,
+            dims: vec![1, gh * gw, t[2]],
+            elem: table.elem,
+            axes: vec![Axis::Fixed, self.tokens_axis(like, patch), Axis::Fixed],
+        })
+    }
+
+    fn position_embedding(&self, table: &Sym, like: &Sym) -> Result<Sym> {
+        let (t, l) = (&table.dims, &like.dims);
+        if t.len() != 2 || l.len() < 2 || l[1] > t[0] {
+            return Err(err(format!("positions of {l:?} from a table {t:?}")));
+        }
+        let len = self.shape_of(like, 1, 2);
+        let n = {
+            let mut st = self.st();
+            let zero = st.g.ints("starts", &[0]);
+            let axes = st.g.ints("axes", &[0]);
+            let rows = st.g.op(
+                "Slice",
+                "position_embedding",
+                &[&table.name, &zero, &len, &axes],
+                &[],
+            );
+            st.g.op("Unsqueeze", "position_embedding", &[&rows, &axes], &[])
+        };
+        Ok(Sym {
+            name: n,
+            dims: vec![1, l[1], t[1]],
+            elem: table.elem,
+            axes: vec![Axis::Fixed, like.axes[1].clone(), Axis::Fixed],
+        })
+    }
+
+    fn relative_position_bias(
+        &self,
+        table: &HostTensor,
+        max_distance: usize,
+        like: &Sym,
+    ) -> Result<Sym> {
+        let l = &like.dims;
+        if l.len() < 2 || table.shape.len() != 2 {
+            return Err(err(format!(
+                "relative-position bias for {l:?} from a table {:?}",
+                table.shape
+            )));
+        }
+        let (buckets, heads) = (table.shape[0], table.shape[1]);
+        // The bucket of every relative position k - q in [-D, D], computed by the model's
+        // own function (bit-identical buckets, no graph logarithm), where D is a distance
+        // beyond which the buckets no longer change; the graph clips k - q to it.
+        let reach = max_distance.max(buckets / 4);
+        let bucket = |r: i64| sd_model::t5::relative_position_bucket(r, buckets, max_distance);
+        let d = reach as i64;
+        if (d..=4 * d + 64).any(|r| bucket(r) != bucket(d) || bucket(-r) != bucket(-d)) {
+            return Err(err(format!(
+                "T5 relative-position buckets ({buckets} buckets, max distance \
+                 {max_distance}) do not saturate; the bias cannot be built in the graph"
+            )));
+        }
+        let lookup: Vec<i64> = (-d..=d).map(|r| bucket(r) as i64).collect();
+        let len = self.shape_of(like, 1, 2);
+        let n = {
+            let mut st = self.st();
+            let bias_table = st.g.const_f(
+                "relative_attention_bias",
+                self.opts.compute,
+                &table.data,
+                &[buckets, heads],
+            );
+            let lookup = st.g.const_i64("relative_buckets", &lookup, &[lookup.len()]);
+            let zero = st.g.const_i64("zero", &[0], &[]);
+            let one = st.g.const_i64("one", &[1], &[]);
+            let ax0 = st.g.ints("axes", &[0]);
+            let len = st.g.op("Squeeze", "position_bias", &[&len, &ax0], &[]);
+            let pos = st.g.op("Range", "position_bias", &[&zero, &len, &one], &[]);
+            let keys = st.g.op("Unsqueeze", "position_bias", &[&pos, &ax0], &[]);
+            let ax1 = st.g.ints("axes", &[1]);
+            let queries = st.g.op("Unsqueeze", "position_bias", &[&pos, &ax1], &[]);
+            let rel = st.g.op("Sub", "position_bias", &[&keys, &queries], &[]);
+            let lo = st.g.const_i64("min_relative", &[-d], &[]);
+            let hi = st.g.const_i64("max_relative", &[d], &[]);
+            let rel = st.g.op("Clip", "position_bias", &[&rel, &lo, &hi], &[]);
+            let idx = st.g.op("Add", "position_bias", &[&rel, &hi], &[]);
+            let b = st.g.op(
+                "Gather",
+                "position_bias",
+                &[&lookup, &idx],
+                &[("axis", Attr::Int(0))],
+            );
+            let bias = st.g.op(
+                "Gather",
+                "position_bias",
+                &[&bias_table, &b],
+                &[("axis", Attr::Int(0))],
+            );
+            st.g.op(
+                "Transpose",
+                "position_bias",
+                &[&bias],
+                &[("perm", Attr::Ints(vec![2, 0, 1]))],
+            )
+        };
+        Ok(Sym {
+            name: n,
+            dims: vec![heads, l[1], l[1]],
+            elem: self.opts.compute,
+            axes: vec![Axis::Fixed, like.axes[1].clone(), like.axes[1].clone()],
+        })
+    }
+
     fn guidance(&self, uncond: &Sym, cond: &Sym, g: f32) -> Result<Sym> {
         let d = self.binary("Sub", cond, uncond);
         Ok(self.binary("Add", uncond, &self.with_scalar("Mul", &d, g)))
@@ -1232,22 +1774,71 @@ mod tests {
         assert!(t.reshape(&x, &[2, 40]).is_err());
         let f = t.input("f", ElemType::F32, &[2, 3, 8], &[(0, "batch")]);
         let j = t.concat(&[&f, &x], 1).unwrap();
-        assert_eq!(
-            j.axes[1],
-            Axis::Joined {
-                prefix: 3,
-                name: "len".into()
-            }
-        );
+        let len = |value: &str| Part {
+            len: 5,
+            dynamic: Some(DynSize {
+                name: "len".into(),
+                value: value.into(),
+                axis: 1,
+            }),
+        };
+        let three = Part {
+            len: 3,
+            dynamic: None,
+        };
+        assert_eq!(j.axes[1], Axis::Joined(vec![three.clone(), len("x")]));
+        assert_eq!(j.axes[1].label(8), "3+len");
         assert_eq!(t.narrow(&j, 1, 0, 3).unwrap().axes[1], Axis::Fixed);
+        assert_eq!(t.narrow(&j, 1, 0, 2).unwrap().axes[1], Axis::Fixed);
         assert_eq!(
             t.narrow(&j, 1, 3, 5).unwrap().axes[1],
             Axis::Dyn("len".into())
         );
         assert!(t.narrow(&j, 1, 1, 3).is_err());
         assert!(t.narrow(&x, 1, 0, 2).is_err());
-        // A dynamic-first concatenation is not expressible with fixed slices later.
-        assert!(t.concat(&[&x, &f], 1).is_err());
+        // Dynamic parts anywhere: narrowing to whole parts reads the bounds from the
+        // parts' shapes.
+        let k = t.concat(&[&x, &f, &x], 1).unwrap();
+        assert_eq!(
+            k.axes[1],
+            Axis::Joined(vec![len("x"), three.clone(), len("x")])
+        );
+        assert_eq!(
+            t.narrow(&k, 1, 0, 5).unwrap().axes[1],
+            Axis::Dyn("len".into())
+        );
+        assert_eq!(t.narrow(&k, 1, 5, 3).unwrap().axes[1], Axis::Fixed);
+        assert_eq!(
+            t.narrow(&k, 1, 5, 8).unwrap().axes[1],
+            Axis::Joined(vec![three, len("x")])
+        );
+        assert!(t.narrow(&k, 1, 6, 2).is_err());
+        assert!(t.narrow(&k, 1, 0, 6).is_err());
+    }
+
+    #[test]
+    fn spatial_axes_follow_patches_and_upsampling() {
+        let t = tracer();
+        let x = t.input(
+            "x",
+            ElemType::F32,
+            &[2, 4, 6, 8],
+            &[(0, "batch"), (2, "height"), (3, "width")],
+        );
+        let p = t.patchify(&x, 2).unwrap();
+        assert_eq!(p.dims, [2, 12, 16]);
+        assert_eq!(p.axes[1], Axis::Dyn("height/2*width/2".into()));
+        let back = t.unpatchify(&p, 2, &x).unwrap();
+        assert_eq!(
+            (back.dims.clone(), back.axes.clone()),
+            (x.dims.clone(), x.axes.clone())
+        );
+        let u = t
+            .upsample_nearest2x(&t.upsample_nearest2x(&x).unwrap())
+            .unwrap();
+        assert_eq!(u.axes[2], Axis::Dyn("4*height".into()));
+        // Merging dynamic axes in a reshape is still refused; patchify does it.
+        assert!(t.reshape(&x, &[2, 4, 48]).is_err());
     }
 
     #[test]

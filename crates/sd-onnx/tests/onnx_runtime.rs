@@ -34,10 +34,10 @@ const FP32_TOL: f64 = 1e-4;
 /// element within that noise of the midpoint between two FP8 codes lands on the
 /// neighbouring code on one side: a jump of one FP8 step, 2^-3 (E4M3) or 2^-2 (E5M2) of
 /// that element, instead of 1e-6. One flip in a token's input moves that token's outputs
-/// by about |w x| / 8 and spreads through attention. Measured with the inputs below:
-/// at most 1.6e-6 of the output range over the six exports (no flip); with other inputs
-/// (the traced text length) one export flipped once: 1.1e-4, 0.03% of the elements above
-/// 1e-4. A flip in an adaLN modulation input is worse, since that one vector per sample
+/// by about |w x| / 8 and spreads through attention. Measured with the inputs below
+/// (latents 6x10, traced at 8x8): at most 3.1e-7 of the output range over the six
+/// exports (no flip); with other inputs (the traced sizes) at most 1.6e-6, and once one
+/// export flipped once: 1.1e-4, 0.03% of the elements above 1e-4. A flip in an adaLN modulation input is worse, since that one vector per sample
 /// scales every token: an E5M2 flip there measured 4.5e-3 with 9% of the elements above
 /// 1e-4, which is why the test plan keeps those inputs E4M3. The bound, 5e-3, covers even
 /// such a flip, and stays 8x below the effect of quantization itself (FP8 vs FP32
@@ -52,8 +52,20 @@ const FP8_FRAC_OVER_1E4: f64 = 0.25;
 const FP16_TOL: f64 = 3e-3;
 
 /// The batch the tests run with; the graphs are traced with 2, so this checks the
-/// dynamic batch axis.
+/// dynamic batch axis. Every other dynamic axis is run at a size other than the traced
+/// one too (latent size, text lengths).
 const BATCH: usize = 3;
+
+/// The latent size the VAE graphs are traced at, and the one they run at.
+const VAE_TRACED: (usize, usize) = (4, 4);
+const VAE_RUN: (usize, usize) = (3, 5);
+
+/// CLIP token count at run time (the graphs are traced at 77).
+const CLIP_RUN_LEN: usize = 13;
+
+/// T5 token count at run time: longer than traced (16) and than the tiny T5's
+/// `relative_attention_max_distance` (128), where the relative positions are clipped.
+const T5_RUN_LEN: usize = 150;
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
@@ -190,23 +202,7 @@ impl Job {
 
 /// Runs the Python checker over the jobs; returns its per-job JSON results.
 fn run_checks(py: &Path, dir: &Path, jobs: &[Job]) -> Vec<serde_json::Value> {
-    let spec = dir.join("jobs.json");
-    let all: Vec<_> = jobs.iter().map(Job::json).collect();
-    std::fs::write(&spec, serde_json::to_string_pretty(&all).unwrap()).unwrap();
-    let out = Command::new(py)
-        .arg(repo().join("tests/python/onnx_check.py"))
-        .arg(&spec)
-        .output()
-        .expect("run SD_TEST_PYTHON");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    eprintln!("{stdout}{stderr}");
-    let results: Vec<serde_json::Value> = stdout
-        .lines()
-        .filter(|l| l.starts_with('{'))
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
-    assert_eq!(results.len(), jobs.len(), "onnx_check.py output: {stderr}");
+    let results = run_script(py, dir, jobs);
     for (job, r) in jobs.iter().zip(&results) {
         assert_eq!(r["checker"], "ok", "{}: {r}", job.model);
         assert_eq!(
@@ -231,6 +227,28 @@ fn run_checks(py: &Path, dir: &Path, jobs: &[Job]) -> Vec<serde_json::Value> {
         }
         assert_eq!(r["ok"], true, "{}: {r}", job.model);
     }
+    results
+}
+
+/// Runs `tests/python/onnx_check.py` over the jobs; its per-job JSON results.
+fn run_script(py: &Path, dir: &Path, jobs: &[Job]) -> Vec<serde_json::Value> {
+    let spec = dir.join("jobs.json");
+    let all: Vec<_> = jobs.iter().map(Job::json).collect();
+    std::fs::write(&spec, serde_json::to_string_pretty(&all).unwrap()).unwrap();
+    let out = Command::new(py)
+        .arg(repo().join("tests/python/onnx_check.py"))
+        .arg(&spec)
+        .output()
+        .expect("run SD_TEST_PYTHON");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    eprintln!("{stdout}{stderr}");
+    let results: Vec<serde_json::Value> = stdout
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(results.len(), jobs.len(), "onnx_check.py output: {stderr}");
     results
 }
 
@@ -326,7 +344,10 @@ fn transformer_job(
     assert_eq!(m.quantized.len(), plan.fp8_layer_count(), "{tag}");
     // The timestep is a graph input, not a host-computed constant.
     assert_eq!(m.host_constants, vec![], "{tag}");
-    let (h, w) = o.latent_size.unwrap();
+    // The latent size is dynamic: run at a non-square size other than the traced one,
+    // with odd patch counts (the positional crop rounds its offsets down).
+    let (th, tw) = o.latent_size.unwrap();
+    let (h, w) = (th - 2, tw + 2);
     // The text length is a dynamic axis: run with fewer tokens than were traced.
     let s = o.text_len.unwrap() - 5;
     let lat = host(&[BATCH, cfg.in_channels, h, w], 1, 1.5);
@@ -409,7 +430,9 @@ fn text_jobs(dir: &Path, ckpt: &Checkpoint, tag: &str, o: &ExportOptions) -> Vec
             vec![],
             "{file}: ids must stay graph inputs"
         );
-        let seq = cfg.max_position_embeddings;
+        // Traced at max_position_embeddings; the token count is dynamic.
+        assert_eq!(m.inputs[0].shape_string(), "[batch, seq_len]");
+        let seq = CLIP_RUN_LEN;
         let eos = if cfg.eos_token_id == 2 {
             // Legacy configs pool at the argmax id: put the largest id somewhere.
             Some(cfg.vocab_size as u32 - 1)
@@ -431,14 +454,13 @@ fn text_jobs(dir: &Path, ckpt: &Checkpoint, tag: &str, o: &ExportOptions) -> Vec
     if let Some(cfg) = &ckpt.t5 {
         let src = ckpt.weights(component::T5).unwrap();
         let m = sd_onnx::trace_t5(cfg, &src, &sd_model::PrecisionPlan::default(), o).unwrap();
-        // The relative-position bias for the fixed length, and nothing else.
-        let shapes: Vec<_> = m.host_constants.iter().map(|(_, d)| d.clone()).collect();
-        assert_eq!(shapes, vec![vec![cfg.num_heads, o.t5_len, o.t5_len]]);
-        let tokens = ids(BATCH, o.t5_len, cfg.vocab_size, None, 9);
+        // The relative-position bias is built in the graph for the input's length.
+        assert_eq!(m.host_constants, vec![]);
+        let tokens = ids(BATCH, T5_RUN_LEN, cfg.vocab_size, None, 9);
         let model = T5Encoder::load(&b, cfg.clone(), &src, &PrecisionPlan::default()).unwrap();
         let r = model.forward(&b, &tokens, BATCH).unwrap();
         let mut job = Job::new(dir, &m, &format!("{tag}_t5"), FP32_TOL);
-        job.input_ids("input_ids", &[BATCH, o.t5_len], &tokens);
+        job.input_ids("input_ids", &[BATCH, T5_RUN_LEN], &tokens);
         job.expect("last_hidden_state", &b.download(&r).unwrap());
         jobs.push(job);
     }
@@ -477,11 +499,13 @@ fn t5_fp8_job(dir: &Path, ckpt: &Checkpoint, tag: &str) -> Job {
     }
     let m = sd_onnx::trace_t5(cfg, &src, &plan, &o).unwrap();
     assert!(!m.quantized.is_empty(), "the T5 graph has no FP8 layers");
-    let tokens = ids(BATCH, o.t5_len, cfg.vocab_size, None, 13);
+    // Shorter than traced (the FP32 jobs run longer).
+    let len = o.t5_len - 5;
+    let tokens = ids(BATCH, len, cfg.vocab_size, None, 13);
     let model = T5Encoder::load(&b, cfg.clone(), &src, &plan).unwrap();
     let r = model.forward(&b, &tokens, BATCH).unwrap();
     let mut job = Job::new(dir, &m, tag, FP8_TOL);
-    job.input_ids("input_ids", &[BATCH, o.t5_len], &tokens);
+    job.input_ids("input_ids", &[BATCH, len], &tokens);
     job.expect("last_hidden_state", &b.download(&r).unwrap());
     job
 }
@@ -489,8 +513,10 @@ fn t5_fp8_job(dir: &Path, ckpt: &Checkpoint, tag: &str) -> Job {
 fn vae_job(dir: &Path, ckpt: &Checkpoint, tag: &str, o: &ExportOptions) -> Job {
     let b = cpu();
     let src = ckpt.weights(component::VAE).unwrap();
-    let m = sd_onnx::trace_vae(&ckpt.vae, &src, (4, 4), o).unwrap();
-    let z = host(&[BATCH, ckpt.vae.latent_channels, 4, 4], 11, 2.0);
+    let m = sd_onnx::trace_vae(&ckpt.vae, &src, VAE_TRACED, o).unwrap();
+    assert_eq!(m.outputs[0].shape_string(), "[batch, 3, 8*height, 8*width]");
+    let (h, w) = VAE_RUN;
+    let z = host(&[BATCH, ckpt.vae.latent_channels, h, w], 11, 2.0);
     let model = VaeDecoder::load(&b, ckpt.vae.clone(), &src, &PrecisionPlan::default()).unwrap();
     let zu = model.unscale_latents(&b, &b.upload(&z).unwrap()).unwrap();
     let img = model.decode(&b, &zu).unwrap();
@@ -624,6 +650,40 @@ fn fp16_and_bf16_exports() {
         jobs.extend(js);
     }
     run_checks(&py, dir.path(), &jobs);
+}
+
+/// Latent sizes the transformer cannot take (not a multiple of the patch size; more
+/// patches than the positional table has) make ONNX Runtime fail rather than compute
+/// something with a wrong positional crop.
+#[test]
+fn bad_latent_sizes_fail_in_onnx_runtime() {
+    let Some(py) = python() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = Checkpoint::open(repo().join("models/tiny-sd3")).unwrap();
+    let cfg = &ckpt.transformer;
+    let src = ckpt.weights(component::TRANSFORMER).unwrap();
+    let m = sd_onnx::trace_transformer(cfg, &src, &PrecisionPlan::default(), &opts()).unwrap();
+    let too_big = cfg.patch_size * (cfg.pos_embed_max_size.unwrap() + 1);
+    let mut jobs = vec![];
+    for (i, (h, w)) in [(7, 8), (too_big, too_big)].into_iter().enumerate() {
+        let mut job = Job::new(dir.path(), &m, &format!("bad_{i}"), FP32_TOL);
+        job.input_f32("hidden_states", &host(&[1, cfg.in_channels, h, w], 1, 1.0));
+        job.input_f32(
+            "encoder_hidden_states",
+            &host(&[1, 4, cfg.joint_attention_dim], 2, 1.0),
+        );
+        job.input_f32(
+            "pooled_projections",
+            &host(&[1, cfg.pooled_projection_dim], 3, 1.0),
+        );
+        job.input_f32("timestep", &HostTensor::new(vec![1], vec![500.0]).unwrap());
+        jobs.push(job);
+    }
+    for r in run_script(&py, dir.path(), &jobs) {
+        assert_eq!(r["ok"], false, "{r}");
+        let e = r["exception"].as_str().unwrap_or_default();
+        assert!(e.contains("ONNXRuntimeError"), "{r}");
+    }
 }
 
 #[test]

@@ -1,9 +1,9 @@
 //! The seam between the server and whatever executes a model: [`ServedModel`].
 //!
-//! Today one implementation exists, [`PipelineModel`] over any `Sd3Pipeline<B>` (loaded
-//! from a diffusers checkpoint directory on the cpu backend by [`load_diffusers_cpu`]).
-//! Engine bundles will be a second loader producing a `ServedModel` (most simply a
-//! `PipelineModel` over the engine's backend, with the bundle's description).
+//! One implementation serves everything: [`PipelineModel`] over any `Sd3Pipeline<B>`,
+//! made by [`load_diffusers_cpu`] (a diffusers checkpoint on the cpu backend),
+//! [`load_engine`] (a cpu engine bundle) and [`load_cuda_engine`] (a cuda engine bundle
+//! on one GPU, which also reports GPU memory).
 
 use std::path::{Path, PathBuf};
 
@@ -77,10 +77,15 @@ pub trait ServedModel: 'static {
     }
 }
 
+/// Reads a backend's device memory: (used, total) bytes.
+pub type MemoryProbe<B> = fn(&B) -> Option<(u64, u64)>;
+
 /// Any [`Sd3Pipeline`] served as is.
 pub struct PipelineModel<B: Backend> {
     pub pipeline: Sd3Pipeline<B>,
     pub description: ModelDescription,
+    /// Device memory (used, total) of the backend, for GPU backends.
+    pub memory_probe: Option<MemoryProbe<B>>,
 }
 
 impl<B: Backend + 'static> ServedModel for PipelineModel<B> {
@@ -106,6 +111,10 @@ impl<B: Backend + 'static> ServedModel for PipelineModel<B> {
     }
     fn latents(&self, state: &Self::State) -> Option<HostTensor> {
         self.pipeline.backend.download(&state.latents).ok()
+    }
+    fn device_memory(&self) -> Option<(u64, u64)> {
+        self.memory_probe
+            .and_then(|probe| probe(&self.pipeline.backend))
     }
 }
 
@@ -239,24 +248,70 @@ pub fn scan_models_dir(dir: &Path, precision: ComputePrecision) -> anyhow::Resul
     Ok(specs)
 }
 
-/// Loads an engine bundle: checksums verified, target checked, then the pipeline.
-pub fn load_engine(name: &str, dir: &Path) -> Result<PipelineModel<CpuBackend>, PipelineError> {
-    let engine_error = |e: sd_engine::EngineError| {
+fn engine_error(dir: &Path) -> impl Fn(sd_engine::EngineError) -> PipelineError + '_ {
+    move |e| {
         PipelineError::Model(sd_model::ModelError::Weights(format!(
             "engine {}: {e}",
             dir.display()
         )))
-    };
-    let bundle = sd_engine::Bundle::open(dir).map_err(engine_error)?;
-    // This server build runs the cpu target; cuda engines load through sd-cuda.
+    }
+}
+
+/// The target an engine bundle was compiled for (read from its manifest only), so the
+/// server starts the right loader; `None` if the manifest cannot be read (the loader
+/// then reports why).
+pub fn engine_target(dir: &Path) -> Option<sd_engine::Target> {
+    sd_engine::read_manifest(dir).ok().map(|m| m.target)
+}
+
+/// Loads a cpu engine bundle: checksums verified, target checked, then the pipeline.
+pub fn load_engine(name: &str, dir: &Path) -> Result<PipelineModel<CpuBackend>, PipelineError> {
+    let bundle = sd_engine::Bundle::open(dir).map_err(engine_error(dir))?;
     bundle
         .check_target(sd_engine::Target::Cpu)
-        .map_err(engine_error)?;
-    let m = &bundle.manifest;
-    let pipeline = sd_engine::load_cpu_pipeline_from(&bundle).map_err(engine_error)?;
-    let fp8_layers = m.layers.iter().filter(|l| l.precision == "fp8").count();
+        .map_err(engine_error(dir))?;
+    let pipeline = sd_engine::load_cpu_pipeline_from(&bundle).map_err(engine_error(dir))?;
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let description = ModelDescription {
+    let device = format!("{} ({threads} threads)", pipeline.backend.describe());
+    let description = engine_description(name, &bundle.manifest, device, &pipeline.limits);
+    Ok(PipelineModel {
+        pipeline,
+        description,
+        memory_probe: None,
+    })
+}
+
+/// Loads a cuda engine bundle onto GPU `gpu`: checksums, target, GPU architecture and
+/// kernel sources checked, then the pipeline with the bundle's kernels and GEMM
+/// algorithms.
+pub fn load_cuda_engine(
+    name: &str,
+    dir: &Path,
+    gpu: usize,
+) -> Result<PipelineModel<sd_cuda::CudaBackend>, PipelineError> {
+    let bundle = sd_engine::Bundle::open(dir).map_err(engine_error(dir))?;
+    let pipeline = sd_cuda::bundle::load_cuda_pipeline(&bundle, gpu).map_err(engine_error(dir))?;
+    let device = pipeline.backend.describe();
+    let description = engine_description(name, &bundle.manifest, device, &pipeline.limits);
+    Ok(PipelineModel {
+        pipeline,
+        description,
+        memory_probe: Some(|b: &sd_cuda::CudaBackend| {
+            b.memory_stats()
+                .ok()
+                .map(|m| (m.device_total - m.device_free, m.device_total))
+        }),
+    })
+}
+
+fn engine_description(
+    name: &str,
+    m: &sd_engine::Manifest,
+    device: String,
+    limits: &Limits,
+) -> ModelDescription {
+    let fp8_layers = m.layers.iter().filter(|l| l.precision == "fp8").count();
+    ModelDescription {
         target: m.target.to_string(),
         precision: format!(
             "{} ({fp8_layers} fp8 layers of {}), {} compute",
@@ -264,7 +319,7 @@ pub fn load_engine(name: &str, dir: &Path) -> Result<PipelineModel<CpuBackend>, 
             m.layers.len(),
             m.compute
         ),
-        device: format!("{} ({threads} threads)", pipeline.backend.describe()),
+        device,
         engine_id: format!(
             "engine:{name}:{}:{}",
             &m.model.fingerprint[..m.model.fingerprint.len().min(16)],
@@ -274,12 +329,8 @@ pub fn load_engine(name: &str, dir: &Path) -> Result<PipelineModel<CpuBackend>, 
                     [..c.hash.len().min(16)]
                     .to_string())
         ),
-        limits: pipeline.limits.clone(),
-    };
-    Ok(PipelineModel {
-        pipeline,
-        description,
-    })
+        limits: limits.clone(),
+    }
 }
 
 /// Loads a diffusers checkpoint directory on the cpu backend.
@@ -311,6 +362,7 @@ pub fn load_diffusers_cpu(
     Ok(PipelineModel {
         pipeline,
         description,
+        memory_probe: None,
     })
 }
 

@@ -22,7 +22,8 @@ use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
 use crate::model::{
-    ModelSource, ModelSpec, load_diffusers_cpu, load_engine, parse_precision, scan_models_dir,
+    ModelSource, ModelSpec, engine_target, load_cuda_engine, load_diffusers_cpu, load_engine,
+    parse_precision, scan_models_dir,
 };
 use crate::service::{DiffusionService, RequestLimits, Shared};
 use crate::worker::{BatchSettings, ModelHandle, ModelState};
@@ -61,6 +62,9 @@ pub struct ServeArgs {
     /// Most requests waiting per model; beyond it requests get RESOURCE_EXHAUSTED.
     #[arg(long, env = "SD_SERVE_QUEUE_CAPACITY", default_value_t = 32)]
     pub queue_capacity: usize,
+    /// GPU ordinal that cuda engine bundles run on.
+    #[arg(long, env = "SD_SERVE_GPU", default_value_t = 0)]
+    pub gpu: usize,
     /// Most denoising steps per request.
     #[arg(long, env = "SD_SERVE_MAX_STEPS", default_value_t = 100)]
     pub max_steps: usize,
@@ -244,9 +248,16 @@ pub async fn start(args: ServeArgs) -> anyhow::Result<RunningServer> {
             }
             ModelSource::Engine { dir } => {
                 let n = name.clone();
-                ModelHandle::spawn(name.clone(), settings.clone(), move || {
-                    load_engine(&n, &dir)
-                })
+                if engine_target(&dir) == Some(sd_engine::Target::Cuda) {
+                    let gpu = args.gpu;
+                    ModelHandle::spawn(name.clone(), settings.clone(), move || {
+                        load_cuda_engine(&n, &dir, gpu)
+                    })
+                } else {
+                    ModelHandle::spawn(name.clone(), settings.clone(), move || {
+                        load_engine(&n, &dir)
+                    })
+                }
             }
         };
         models.insert(name, handle);
