@@ -6,7 +6,7 @@
 //! bench OUT_DIR [--models sd3.5-medium,sd3.5-large] [--precisions fp8,bf16]
 //!               [--iters 12] [--warmup 3] [--no-vae] [--no-exact] [--no-attention]
 //!               [--no-pipeline] [--tokenizers models/tiny-sd35m] [--label TEXT]
-//!               [--per-channel] [--fp8-adaln]
+//!               [--per-channel] [--fp8-adaln] [--tune-gemms]
 //! ```
 //!
 //! Timing: CUDA events recorded on the backend's stream before and after one whole
@@ -308,6 +308,9 @@ struct Opts {
     per_channel: bool,
     /// The adaLN modulation layers in FP8 too (Model Optimizer quantizes them).
     fp8_adaln: bool,
+    /// Choose GEMM algorithms by timing during the first warm-up step (what `sd-build
+    /// compile --target cuda` stores in a bundle) instead of cuBLASLt's heuristic.
+    tune_gemms: bool,
 }
 
 fn profile_json(b: &CudaBackend) -> R<Value> {
@@ -361,10 +364,23 @@ fn bench_transformer(
         Ok((gpu, t.elapsed().as_secs_f64() * 1e3))
     };
     let tw = Instant::now();
+    if o.tune_gemms {
+        b.set_gemm_tuning(true)?;
+        step(&b)?;
+        b.set_gemm_tuning(false)?;
+    }
     for _ in 0..o.warmup {
         step(&b)?;
     }
     let warm_s = tw.elapsed().as_secs_f64();
+    let gemm_algorithms = if o.tune_gemms {
+        format!(
+            "timed: fastest of cuBLASLt's top 8 per problem ({} problems)",
+            b.gemm_algorithms()?.len()
+        )
+    } else {
+        "cuBLASLt heuristic".to_string()
+    };
     b.reset_peak_memory()?;
     let both: Vec<(f64, f64)> = (0..o.iters).map(|_| step(&b)).collect::<R<_>>()?;
     let mem = b.memory_stats()?;
@@ -407,6 +423,7 @@ fn bench_transformer(
         "gpu": b.gpu_name(),
         "attention": format!("flash (mma.sync bf16, head dim 64): {}", flash_variant().name()),
         "linear_epilogue": b.fused_epilogue()?,
+        "gemm_algorithms": gemm_algorithms,
     });
     if let Some(l) = &o.label {
         rec["variant"] = json!(l);
@@ -723,6 +740,7 @@ fn main() -> R<()> {
         label: None,
         per_channel: false,
         fp8_adaln: false,
+        tune_gemms: false,
     };
     let mut vae = true;
     let mut attn = true;
@@ -748,6 +766,7 @@ fn main() -> R<()> {
             "--label" => o.label = Some(val()?),
             "--per-channel" => o.per_channel = true,
             "--fp8-adaln" => o.fp8_adaln = true,
+            "--tune-gemms" => o.tune_gemms = true,
             "--tokenizers" => tokenizers = PathBuf::from(val()?),
             other => return Err(format!("unknown option {other}").into()),
         }
