@@ -164,6 +164,10 @@ fn suite<B: Backend>(b: &B, fp8: bool) -> R<Vec<(String, HostTensor)>> {
     out.push(("layer_norm (no affine)".into(), b.download(&ln)?));
     out.push(("layer_norm + modulate".into(), b.download(&m)?));
     out.push((
+        "layer_norm_modulate (fused)".into(),
+        b.download(&b.layer_norm_modulate(&xt, &shift, &scale, 1e-6)?)?,
+    ));
+    out.push((
         "layer_norm affine".into(),
         b.download(&b.layer_norm(&xt, Some(&g), Some(&be), 1e-5)?)?,
     ));

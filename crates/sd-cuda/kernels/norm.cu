@@ -26,6 +26,34 @@ extern "C" __global__ void layer_norm_f32(const void* __restrict__ x, const void
     }
 }
 
+// LayerNorm without affine parameters fused with the adaLN modulation that follows it
+// in every MMDiT block: one read of x, one write of y, the normalized row never stored.
+// Each value is rounded where the two separate kernels round it (the norm's output to
+// the storage type, then the modulated value), so y is bit-identical to layer_norm_f32
+// followed by modulate_f32. shift/scale are [B, C]; rows_per_batch = S of x [B, S, C].
+extern "C" __global__ void layer_norm_modulate_f32(const void* __restrict__ x,
+                                                   const void* __restrict__ shift,
+                                                   const void* __restrict__ scale,
+                                                   void* __restrict__ y, int c, float eps,
+                                                   unsigned long long rows_per_batch, int r) {
+    __shared__ double red[32];
+    const unsigned long long row = (unsigned long long)blockIdx.x * c;
+    const unsigned long long mod = (blockIdx.x / rows_per_batch) * c;
+    double s = 0.0;
+    for (int i = threadIdx.x; i < c; i += blockDim.x) s += (double)sd_ld(x, row + i, r);
+    const double mean = sd_block_sum_d(s, red) / c;
+    double v = 0.0;
+    for (int i = threadIdx.x; i < c; i += blockDim.x) {
+        const double d = (double)sd_ld(x, row + i, r) - mean;
+        v += d * d;
+    }
+    const double inv = 1.0 / sqrt(sd_block_sum_d(v, red) / c + (double)eps);
+    for (int i = threadIdx.x; i < c; i += blockDim.x) {
+        const float o = sd_round((float)(((double)sd_ld(x, row + i, r) - mean) * inv), r);
+        sd_st(y, row + i, o * (1.0f + sd_ld(scale, mod + i, r)) + sd_ld(shift, mod + i, r), r);
+    }
+}
+
 extern "C" __global__ void rms_norm_f32(const void* __restrict__ x, const void* __restrict__ g,
                                         void* __restrict__ y, int c, float eps, int r) {
     __shared__ double red[32];

@@ -200,6 +200,7 @@ const KERNEL_NAMES: &[&str] = &[
     "channel_bias_f32",
     "f32_to_bf16",
     "layer_norm_f32",
+    "layer_norm_modulate_f32",
     "rms_norm_f32",
     "group_norm_f32",
     "attention_pl1",
@@ -2012,6 +2013,44 @@ impl Inner {
         Ok(self.wrap(x.shape.clone(), out))
     }
 
+    fn layer_norm_modulate(
+        &self,
+        x: &CudaTensor,
+        shift: &CudaTensor,
+        scale: &CudaTensor,
+        eps: f32,
+    ) -> sd_model::Result<CudaTensor> {
+        let (b, c) = me(Self::batch_channels(
+            &x.shape,
+            &shift.shape,
+            "layer_norm_modulate",
+        ))?;
+        me(Self::same(
+            &shift.shape,
+            &scale.shape,
+            "layer_norm_modulate",
+        ))?;
+        let rows = x.numel() / c.max(1);
+        let out = me(self.talloc(x.numel()))?;
+        if rows > 0 {
+            me(self.launch(
+                "layer_norm_modulate_f32",
+                Self::rows_cfg(rows, THREADS),
+                &[
+                    Arg::P(self.tp(x)),
+                    Arg::P(self.tp(shift)),
+                    Arg::P(self.tp(scale)),
+                    Arg::P(self.sptr(&out)),
+                    Arg::I(c as i32),
+                    Arg::F(eps),
+                    Arg::U((rows / b.max(1)) as u64),
+                    Arg::I(self.r()),
+                ],
+            ))?;
+        }
+        Ok(self.wrap(x.shape.clone(), out))
+    }
+
     fn modulate(
         &self,
         x: &CudaTensor,
@@ -2815,6 +2854,15 @@ impl Backend for CudaBackend {
         scale: &CudaTensor,
     ) -> sd_model::Result<CudaTensor> {
         self.call(|i| i.modulate(x, shift, scale))
+    }
+    fn layer_norm_modulate(
+        &self,
+        x: &CudaTensor,
+        shift: &CudaTensor,
+        scale: &CudaTensor,
+        eps: f32,
+    ) -> sd_model::Result<CudaTensor> {
+        self.call(|i| i.layer_norm_modulate(x, shift, scale, eps))
     }
     fn rms_norm(
         &self,

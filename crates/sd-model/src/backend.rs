@@ -160,6 +160,21 @@ pub trait Backend: Send + Sync {
         scale: &Self::Tensor,
     ) -> Result<Self::Tensor>;
 
+    /// Layer norm without affine parameters, then adaLN modulation:
+    /// `modulate(layer_norm(x, eps), shift, scale)`, each step rounded as the two
+    /// operations round it. The default runs the two operations; a GPU backend does it
+    /// in one pass over `x` (the norm's output never goes to memory).
+    fn layer_norm_modulate(
+        &self,
+        x: &Self::Tensor,
+        shift: &Self::Tensor,
+        scale: &Self::Tensor,
+        eps: f32,
+    ) -> Result<Self::Tensor> {
+        let n = self.layer_norm(x, None, None, eps)?;
+        self.modulate(&n, shift, scale)
+    }
+
     /// RMS norm over the last dimension: `x / sqrt(mean(x²) + eps) * gamma`.
     fn rms_norm(
         &self,

@@ -200,22 +200,21 @@ impl<B: Backend> JointBlock<B> {
     ) -> Result<(B::Tensor, Option<B::Tensor>)> {
         let dim = b.dims(x)[2];
         let chunk = |t: &B::Tensor, i: usize| b.narrow(t, 1, i * dim, dim);
+        let x_in = x;
 
         // Image stream modulation.
         let m = b.linear(silu_temb, &self.norm1)?;
-        let x_norm = b.layer_norm(x, None, None, NORM_EPS)?;
-        let x_mod = b.modulate(&x_norm, &chunk(&m, 0)?, &chunk(&m, 1)?)?;
+        let x_mod = b.layer_norm_modulate(x, &chunk(&m, 0)?, &chunk(&m, 1)?, NORM_EPS)?;
         let (gate_msa, shift_mlp, scale_mlp, gate_mlp) =
             (chunk(&m, 2)?, chunk(&m, 3)?, chunk(&m, 4)?, chunk(&m, 5)?);
 
         // Context stream modulation.
         let mc = b.linear(silu_temb, &self.norm1_context)?;
-        let c_norm = b.layer_norm(ctx, None, None, NORM_EPS)?;
         let c_mod = if self.to_add_out.is_none() {
             // AdaLayerNormContinuous: (scale, shift), in that order.
-            b.modulate(&c_norm, &chunk(&mc, 1)?, &chunk(&mc, 0)?)?
+            b.layer_norm_modulate(ctx, &chunk(&mc, 1)?, &chunk(&mc, 0)?, NORM_EPS)?
         } else {
-            b.modulate(&c_norm, &chunk(&mc, 0)?, &chunk(&mc, 1)?)?
+            b.layer_norm_modulate(ctx, &chunk(&mc, 0)?, &chunk(&mc, 1)?, NORM_EPS)?
         };
 
         // Joint attention: image tokens first, then context tokens.
@@ -238,14 +237,14 @@ impl<B: Backend> JointBlock<B> {
         let mut x = b.gated_add(x, &gate_msa, &o_img)?;
 
         if let Some((proj2, out2)) = &self.attn2 {
-            let x_mod2 = b.modulate(&x_norm, &chunk(&m, 6)?, &chunk(&m, 7)?)?;
+            // The same norm of the block input as x_mod (MMDiT-X's second attention).
+            let x_mod2 = b.layer_norm_modulate(x_in, &chunk(&m, 6)?, &chunk(&m, 7)?, NORM_EPS)?;
             let (q2, k2, v2) = proj2.project(b, &x_mod2, heads)?;
             let o2 = b.linear(&b.attention(&q2, &k2, &v2, params)?, out2)?;
             x = b.gated_add(&x, &chunk(&m, 8)?, &o2)?;
         }
 
-        let h = b.layer_norm(&x, None, None, NORM_EPS)?;
-        let h = b.modulate(&h, &shift_mlp, &scale_mlp)?;
+        let h = b.layer_norm_modulate(&x, &shift_mlp, &scale_mlp, NORM_EPS)?;
         let x = b.gated_add(&x, &gate_mlp, &self.ff.forward(b, &h)?)?;
 
         let (Some(to_add_out), Some(ff_context)) = (&self.to_add_out, &self.ff_context) else {
@@ -253,8 +252,7 @@ impl<B: Backend> JointBlock<B> {
         };
         let o_ctx = b.linear(&b.narrow(&o, 1, s_img, s_ctx)?, to_add_out)?;
         let ctx = b.gated_add(ctx, &chunk(&mc, 2)?, &o_ctx)?;
-        let h = b.layer_norm(&ctx, None, None, NORM_EPS)?;
-        let h = b.modulate(&h, &chunk(&mc, 3)?, &chunk(&mc, 4)?)?;
+        let h = b.layer_norm_modulate(&ctx, &chunk(&mc, 3)?, &chunk(&mc, 4)?, NORM_EPS)?;
         let ctx = b.gated_add(&ctx, &chunk(&mc, 5)?, &ff_context.forward(b, &h)?)?;
         Ok((x, Some(ctx)))
     }
@@ -491,8 +489,7 @@ impl<B: Backend> Mmdit<B> {
 
         let m = b.linear(&silu_temb, &self.norm_out)?;
         let (scale, shift) = (b.narrow(&m, 1, 0, d)?, b.narrow(&m, 1, d, d)?);
-        let x = b.layer_norm(&x, None, None, NORM_EPS)?;
-        let x = b.modulate(&x, &shift, &scale)?;
+        let x = b.layer_norm_modulate(&x, &shift, &scale, NORM_EPS)?;
         let x = b.linear(&x, &self.proj_out)?;
 
         // Unpatchify: [B, gh, gw, p, p, C] -> [B, C, gh, p, gw, p].
