@@ -269,8 +269,13 @@ struct Gemm {
 struct GemmEpilogue {
     /// `CUDA_R_32F` = a plain f32 D and nothing fused (the other fields unused).
     d_type: ltsys::cudaDataType,
-    /// Per-row (output channel) f32 scales of A (`OUTER_VEC_32F`), 0 = none.
+    /// Per-row (output channel) f32 scales of A (`OUTER_VEC_32F`), 0 = none. cuBLASLt
+    /// takes outer-vector scaling only with both operands in that mode, so it goes
+    /// with `b_scale_vec`.
     a_scale_vec: u64,
+    /// Per-column (token row) f32 scales of B (`OUTER_VEC_32F`): the per-tensor
+    /// activation scale repeated, 0 = none.
+    b_scale_vec: u64,
     /// Per-row f32 alpha (`ALPHA_DEVICE_VECTOR_BETA_ZERO`), 0 = none.
     alpha_vec: u64,
     /// A scalar f32 A scale (device pointer, its own allocation), 0 = none.
@@ -284,6 +289,7 @@ impl Default for GemmEpilogue {
         Self {
             d_type: ltsys::cudaDataType::CUDA_R_32F,
             a_scale_vec: 0,
+            b_scale_vec: 0,
             alpha_vec: 0,
             a_scale: 0,
             bias: 0,
@@ -344,6 +350,9 @@ struct Inner {
     /// `tune_gemms` is on, or given by an engine bundle; see `tuning.rs`).
     algo_cache: std::cell::RefCell<HashMap<String, ltsys::cublasLtMatmulAlgo_t>>,
     tune_gemms: std::cell::Cell<bool>,
+    /// Outer-vector B scales (an activation scale repeated per token row), by (scale
+    /// bits, rows); see `act_scale_vec`.
+    act_scale_vecs: std::cell::RefCell<HashMap<(u32, usize), CudaSlice<f32>>>,
     /// The device's default stream-ordered memory pool (every allocation comes from it).
     pool: cudarc::driver::sys::CUmemoryPool,
     /// Bytes of parameters uploaded (linear weights, their scales and biases, other
@@ -660,6 +669,7 @@ impl Inner {
             fused_epilogue_error: std::cell::RefCell::new([None, None, None, None]),
             algo_cache: std::cell::RefCell::new(HashMap::new()),
             tune_gemms: std::cell::Cell::new(false),
+            act_scale_vecs: std::cell::RefCell::new(HashMap::new()),
             pool,
             param_bytes: std::cell::Cell::new(0),
         })
@@ -828,6 +838,23 @@ impl Inner {
                         8,
                     )?;
                 }
+                if g.epi.b_scale_vec != 0 {
+                    // The same mode for B (cuBLASLt requires both): one f32 per column
+                    // of op(B), replacing the scalar B scale set above.
+                    let mode = 3i32;
+                    lt::set_matmul_desc_attribute(
+                        desc,
+                        A::CUBLASLT_MATMUL_DESC_B_SCALE_MODE,
+                        &mode as *const i32 as *const c_void,
+                        4,
+                    )?;
+                    lt::set_matmul_desc_attribute(
+                        desc,
+                        A::CUBLASLT_MATMUL_DESC_B_SCALE_POINTER,
+                        &g.epi.b_scale_vec as *const u64 as *const c_void,
+                        8,
+                    )?;
+                }
                 if g.epi.alpha_vec != 0 {
                     // cublasLtPointerMode_t ALPHA_DEVICE_VECTOR_BETA_ZERO.
                     let mode = 3i32;
@@ -885,9 +912,10 @@ impl Inner {
                     g.b_scale != 0
                 ) + &if g.epi.is_fused() {
                     format!(
-                        " fused {:?} {} {} {} {}",
+                        " fused {:?} {} {} {} {} {}",
                         g.epi.d_type,
                         g.epi.a_scale_vec != 0,
+                        g.epi.b_scale_vec != 0,
                         g.epi.alpha_vec != 0,
                         g.epi.a_scale != 0,
                         g.epi.bias != 0
@@ -1278,6 +1306,22 @@ impl Inner {
             .ok_or_else(|| CudaError::Driver("bias16 not set".into()))
     }
 
+    /// Device address of `n` copies of an activation scale (cuBLASLt's outer-vector B
+    /// scale), made once per (scale, n) and kept for the backend's life: every step
+    /// asks for the same few.
+    fn act_scale_vec(&self, scale: f32, n: usize) -> Result<u64> {
+        let key = (scale.to_bits(), n);
+        if !self.act_scale_vecs.borrow().contains_key(&key) {
+            let v = self.upload_f32(&vec![scale; n.max(1)])?;
+            self.act_scale_vecs.borrow_mut().insert(key, v);
+        }
+        let map = self.act_scale_vecs.borrow();
+        let v = map
+            .get(&key)
+            .ok_or_else(|| CudaError::Driver("activation scale vector missing".into()))?;
+        Ok(self.ptr(v))
+    }
+
     /// The common weight scale of an FP8 layer whose channel scales are all equal (read
     /// back once per layer, on its first call).
     fn uniform_scale<'a>(&self, layer: &'a CudaLinear) -> Result<Option<&'a CudaSlice<f32>>> {
@@ -1331,6 +1375,8 @@ impl Inner {
             epi: GemmEpilogue::default(),
         };
         let mut colscale = 0u64;
+        // The FP8 layer's activation scale (for the outer-vector B scale).
+        let mut act_scale_value: Option<f32> = None;
         // Temporaries live until the end of this function (stream-ordered frees).
         let mut _tmp_bf16: Option<CudaSlice<u16>> = None;
         let mut _tmp_u8: Option<CudaSlice<u8>> = None;
@@ -1399,6 +1445,7 @@ impl Inner {
                     g.b_type = fp8_type(*act);
                     g.b_scale = self.ptr(act_scale_dev);
                     colscale = self.ptr(wscale);
+                    act_scale_value = Some(*act_scale);
                     _tmp_u8_shared = Some(xq);
                 }
                 LinearKind::Fp8ViaBf16 {
@@ -1485,7 +1532,11 @@ impl Inner {
                     ..GemmEpilogue::default()
                 };
                 match way {
-                    0 => epi.a_scale_vec = colscale,
+                    0 => {
+                        let Some(s) = act_scale_value else { continue };
+                        epi.a_scale_vec = colscale;
+                        epi.b_scale_vec = self.act_scale_vec(s, g.n as usize)?;
+                    }
                     1 => epi.alpha_vec = colscale,
                     2 => match self.uniform_scale(layer)? {
                         Some(sc) => epi.a_scale = self.ptr(sc),
