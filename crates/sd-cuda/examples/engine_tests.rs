@@ -23,6 +23,10 @@ use sd_engine::{Bundle, CalibrationInfo, CompileOptions, Compute, EngineError, P
 use sd_model::{Backend, PrecisionPlan};
 use sd_pipeline::{GenerateRequest, Sd3Pipeline};
 
+#[path = "common/report.rs"]
+mod report;
+use report::Report;
+
 type R<T> = std::result::Result<T, Box<dyn std::error::Error>>;
 
 /// Prompts of calibration/heldout.txt's kind (not used for calibration), two seeds.
@@ -39,26 +43,6 @@ const PROMPTS: &[(&str, u64)] = &[
 const STEPS: usize = 28;
 const GUIDANCE: f32 = 5.0;
 const BOUND_DB: f64 = 35.0;
-
-struct Report {
-    text: String,
-    failures: Vec<String>,
-}
-
-impl Report {
-    fn line(&mut self, s: String) {
-        println!("{s}");
-        self.text.push_str(&s);
-        self.text.push('\n');
-    }
-    fn check(&mut self, name: &str, ok: bool, figure: String) {
-        let s = format!("{} {name}: {figure}", if ok { "PASS" } else { "FAIL" });
-        if !ok {
-            self.failures.push(s.clone());
-        }
-        self.line(s);
-    }
-}
 
 fn psnr(a: &[f32], b: &[f32]) -> f64 {
     // Images in [0, 1].
@@ -346,10 +330,7 @@ fn main() {
     let out = PathBuf::from(&args[0]);
     let work = std::env::temp_dir().join("sd-engine-tests");
     let _ = std::fs::remove_dir_all(&work);
-    let mut rep = Report {
-        text: String::new(),
-        failures: Vec::new(),
-    };
+    let mut rep = Report::new();
     for spec in &args[1..] {
         let Some((dir, cache)) = spec.split_once('=') else {
             eprintln!("`{spec}`: expected MODEL_DIR=CACHE.yaml");

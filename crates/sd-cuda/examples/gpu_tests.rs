@@ -21,6 +21,10 @@ use sd_model::{
 };
 use sd_pipeline::{GenerateRequest, Sd3Pipeline};
 
+#[path = "common/report.rs"]
+mod report;
+use report::Report;
+
 type R<T> = std::result::Result<T, Box<dyn std::error::Error>>;
 
 /// Deterministic pseudo-random numbers (xorshift64*), approximately normal.
@@ -37,26 +41,6 @@ impl Rng {
     }
     fn tensor(&mut self, shape: &[usize], scale: f32) -> HostTensor {
         HostTensor::from_fn(shape.to_vec(), |_| self.normal() * scale)
-    }
-}
-
-struct Report {
-    text: String,
-    failures: Vec<String>,
-}
-
-impl Report {
-    fn line(&mut self, s: String) {
-        println!("{s}");
-        self.text.push_str(&s);
-        self.text.push('\n');
-    }
-    fn check(&mut self, name: &str, ok: bool, figure: String) {
-        let s = format!("{} {name}: {figure}", if ok { "PASS" } else { "FAIL" });
-        if !ok {
-            self.failures.push(s.clone());
-        }
-        self.line(s);
     }
 }
 
@@ -706,10 +690,7 @@ fn main() {
             .or_else(|| std::env::var("OUT").ok())
             .unwrap_or_else(|| ".".into()),
     );
-    let mut rep = Report {
-        text: String::new(),
-        failures: Vec::new(),
-    };
+    let mut rep = Report::new();
     if let Err(e) = run(&mut rep, &model) {
         rep.check("suite", false, format!("error: {e}"));
     }

@@ -360,6 +360,28 @@ struct Inner {
     param_bytes: std::cell::Cell<u64>,
 }
 
+/// Sets one cuBLASLt matmul-descriptor attribute to `value`, passing the value's own
+/// size (every attribute is a plain C scalar or pointer of the type given).
+///
+/// # Safety
+/// `desc` must be a live descriptor and `T` the attribute's C type.
+unsafe fn set_desc<T>(
+    desc: ltsys::cublasLtMatmulDesc_t,
+    attr: ltsys::cublasLtMatmulDescAttributes_t,
+    value: &T,
+) -> Result<()> {
+    // SAFETY: per the caller's contract; the pointer and size describe `value`.
+    unsafe {
+        lt::set_matmul_desc_attribute(
+            desc,
+            attr,
+            value as *const T as *const c_void,
+            std::mem::size_of::<T>(),
+        )?;
+    }
+    Ok(())
+}
+
 fn default_pool(ctx: &CudaContext) -> Result<cudarc::driver::sys::CUmemoryPool> {
     let mut pool = std::ptr::null_mut();
     // SAFETY: out-pointer to a pool handle of this context's device.
@@ -793,100 +815,52 @@ impl Inner {
             // SAFETY: attribute values are passed with their exact sizes; the handles
             // are live until the cleanup below.
             unsafe {
-                lt::set_matmul_desc_attribute(
-                    desc,
-                    A::CUBLASLT_MATMUL_DESC_TRANSA,
-                    &ta as *const i32 as *const c_void,
-                    4,
-                )?;
-                lt::set_matmul_desc_attribute(
-                    desc,
-                    A::CUBLASLT_MATMUL_DESC_TRANSB,
-                    &tb as *const i32 as *const c_void,
-                    4,
-                )?;
+                set_desc(desc, A::CUBLASLT_MATMUL_DESC_TRANSA, &ta)?;
+                set_desc(desc, A::CUBLASLT_MATMUL_DESC_TRANSB, &tb)?;
                 let fast_accum = 0i8;
                 if g.a_type == ltsys::cudaDataType::CUDA_R_8F_E4M3 {
-                    lt::set_matmul_desc_attribute(
-                        desc,
-                        A::CUBLASLT_MATMUL_DESC_FAST_ACCUM,
-                        &fast_accum as *const i8 as *const c_void,
-                        1,
-                    )?;
+                    set_desc(desc, A::CUBLASLT_MATMUL_DESC_FAST_ACCUM, &fast_accum)?;
                 }
                 if g.b_scale != 0 {
-                    lt::set_matmul_desc_attribute(
-                        desc,
-                        A::CUBLASLT_MATMUL_DESC_B_SCALE_POINTER,
-                        &g.b_scale as *const u64 as *const c_void,
-                        8,
-                    )?;
+                    set_desc(desc, A::CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &g.b_scale)?;
                 }
                 if g.epi.a_scale_vec != 0 {
                     // cublasLtMatmulMatrixScale_t OUTER_VEC_32F: one f32 per row of op(A).
                     let mode = 3i32;
-                    lt::set_matmul_desc_attribute(
-                        desc,
-                        A::CUBLASLT_MATMUL_DESC_A_SCALE_MODE,
-                        &mode as *const i32 as *const c_void,
-                        4,
-                    )?;
-                    lt::set_matmul_desc_attribute(
+                    set_desc(desc, A::CUBLASLT_MATMUL_DESC_A_SCALE_MODE, &mode)?;
+                    set_desc(
                         desc,
                         A::CUBLASLT_MATMUL_DESC_A_SCALE_POINTER,
-                        &g.epi.a_scale_vec as *const u64 as *const c_void,
-                        8,
+                        &g.epi.a_scale_vec,
                     )?;
                 }
                 if g.epi.b_scale_vec != 0 {
                     // The same mode for B (cuBLASLt requires both): one f32 per column
                     // of op(B), replacing the scalar B scale set above.
                     let mode = 3i32;
-                    lt::set_matmul_desc_attribute(
-                        desc,
-                        A::CUBLASLT_MATMUL_DESC_B_SCALE_MODE,
-                        &mode as *const i32 as *const c_void,
-                        4,
-                    )?;
-                    lt::set_matmul_desc_attribute(
+                    set_desc(desc, A::CUBLASLT_MATMUL_DESC_B_SCALE_MODE, &mode)?;
+                    set_desc(
                         desc,
                         A::CUBLASLT_MATMUL_DESC_B_SCALE_POINTER,
-                        &g.epi.b_scale_vec as *const u64 as *const c_void,
-                        8,
+                        &g.epi.b_scale_vec,
                     )?;
                 }
                 if g.epi.alpha_vec != 0 {
                     // cublasLtPointerMode_t ALPHA_DEVICE_VECTOR_BETA_ZERO.
                     let mode = 3i32;
-                    lt::set_matmul_desc_attribute(
-                        desc,
-                        A::CUBLASLT_MATMUL_DESC_POINTER_MODE,
-                        &mode as *const i32 as *const c_void,
-                        4,
-                    )?;
+                    set_desc(desc, A::CUBLASLT_MATMUL_DESC_POINTER_MODE, &mode)?;
                 }
                 if g.epi.a_scale != 0 {
-                    lt::set_matmul_desc_attribute(
+                    set_desc(
                         desc,
                         A::CUBLASLT_MATMUL_DESC_A_SCALE_POINTER,
-                        &g.epi.a_scale as *const u64 as *const c_void,
-                        8,
+                        &g.epi.a_scale,
                     )?;
                 }
                 if g.epi.bias != 0 {
                     let epilogue = ltsys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS as u32;
-                    lt::set_matmul_desc_attribute(
-                        desc,
-                        A::CUBLASLT_MATMUL_DESC_EPILOGUE,
-                        &epilogue as *const u32 as *const c_void,
-                        4,
-                    )?;
-                    lt::set_matmul_desc_attribute(
-                        desc,
-                        A::CUBLASLT_MATMUL_DESC_BIAS_POINTER,
-                        &g.epi.bias as *const u64 as *const c_void,
-                        8,
-                    )?;
+                    set_desc(desc, A::CUBLASLT_MATMUL_DESC_EPILOGUE, &epilogue)?;
+                    set_desc(desc, A::CUBLASLT_MATMUL_DESC_BIAS_POINTER, &g.epi.bias)?;
                 }
                 let ws = WORKSPACE_BYTES;
                 lt::set_matmul_pref_attribute(
