@@ -15,11 +15,7 @@ cd "$(dirname "$0")/../.."
 MODELS="tiny-sd3 tiny-sd35m tiny-sd35l-no-t5 tiny-sd35m-shapes"
 
 if [[ "${1:-}" == "--device" ]]; then
-    SP=$(python3 -c 'import site;print(site.getsitepackages()[0])')
-    export LD_LIBRARY_PATH=$(find "$SP/nvidia" -name lib -type d | tr '\n' ':')${LD_LIBRARY_PATH:-}
-    if [[ -z "${CUDA_HOME:-}" && -d /usr/local/cuda-13.0/include ]]; then
-        export CUDA_HOME=/usr/local/cuda-13.0
-    fi
+    source scripts/gpu/cuda_env.sh
     OUT=${OUT:-/tmp/sd-engine-out}
     mkdir -p "$OUT"
     exec > >(tee -a "$OUT/log.txt") 2>&1

@@ -8,13 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 
 if [[ "${1:-}" == "--device" ]]; then
-    # CUDA 13 libraries from the pip wheels (cuBLASLt, NVRTC); libcuda from the driver.
-    SP=$(python3 -c 'import site;print(site.getsitepackages()[0])')
-    export LD_LIBRARY_PATH=$(find "$SP/nvidia" -name lib -type d | tr '\n' ':')${LD_LIBRARY_PATH:-}
-    # Headers for NVRTC (cuda_fp8.h, cuda_bf16.h).
-    if [[ -z "${CUDA_HOME:-}" && -d /usr/local/cuda-13.0/include ]]; then
-        export CUDA_HOME=/usr/local/cuda-13.0
-    fi
+    source scripts/gpu/cuda_env.sh
     OUT=${OUT:-/tmp/sd-cuda-out}
     mkdir -p "$OUT"
     nvidia-smi --query-gpu=name,driver_version,compute_cap --format=csv >"$OUT/nvidia-smi.csv" 2>&1 || true
