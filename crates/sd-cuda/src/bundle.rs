@@ -146,7 +146,7 @@ impl TargetBuilder for CudaTarget {
             compute_capability: Some([cc.0 as u32, cc.1 as u32]),
             cuda_version: Some(format!(
                 "driver API {}, NVRTC {}.{}",
-                CudaBackendInfo::driver_api().unwrap_or_else(|| "unknown".into()),
+                driver_cuda_version().unwrap_or_else(|| "unknown".into()),
                 kernels.nvrtc_version.0,
                 kernels.nvrtc_version.1
             )),
@@ -163,18 +163,14 @@ impl TargetBuilder for CudaTarget {
     }
 }
 
-/// Version queries that need no backend.
-struct CudaBackendInfo;
-
-impl CudaBackendInfo {
-    fn driver_api() -> Option<String> {
-        let mut v = 0i32;
-        // SAFETY: out-pointer to an int; libcuda was loaded by the probe.
-        unsafe { cudarc::driver::sys::cuDriverGetVersion(&mut v) }
-            .result()
-            .ok()?;
-        Some(format!("{}.{}", v / 1000, (v % 1000) / 10))
-    }
+/// The CUDA version the driver supports, `major.minor` (e.g. `13.0`).
+fn driver_cuda_version() -> Option<String> {
+    let mut v = 0i32;
+    // SAFETY: out-pointer to an int; libcuda was loaded by the probe.
+    unsafe { cudarc::driver::sys::cuDriverGetVersion(&mut v) }
+        .result()
+        .ok()?;
+    Some(format!("{}.{}", v / 1000, (v % 1000) / 10))
 }
 
 /// Loads the bundle being written (weights complete in `staging`) on `backend` with

@@ -156,12 +156,4 @@ impl CudaBackend {
         // SAFETY: a version query of the library the backend has loaded.
         unsafe { ltsys::cublasLtGetVersion() }
     }
-
-    /// The driver's CUDA version as `major.minor` (e.g. `13.0`).
-    pub fn driver_cuda_version(&self) -> Result<String> {
-        let mut v = 0i32;
-        // SAFETY: out-pointer to an int; the driver library is loaded.
-        unsafe { cudarc::driver::sys::cuDriverGetVersion(&mut v) }.result()?;
-        Ok(format!("{}.{}", v / 1000, (v % 1000) / 10))
-    }
 }
