@@ -12,7 +12,7 @@ if [ -e "${reqs[0]}" ]; then
   fi
   args=()
   for r in "${reqs[@]}"; do args+=(-r "$r"); done
-  .venv/bin/python -m pip install --quiet --disable-pip-version-check "${args[@]}"
+  .venv/bin/python -m pip install --quiet --disable-pip-version-check --no-cache-dir "${args[@]}"
   export SD_TEST_PYTHON="$PWD/.venv/bin/python"
 fi
 
