@@ -7,7 +7,9 @@ outputs computed by the project's CPU backend.
 Usage: onnx_check.py JOBS.json
 JOBS.json: [{"model": "x.onnx", "inputs": {"name": "in.npy", ...},
              "expected": {"name": "out.npy", ...}, "tolerance": 1e-4,
-             "run": true}, ...]   (run: false = checker and conventions only)
+             "run": true, "weight_only": ["layer", ...]}, ...]
+  run: false = checker and conventions only; weight_only: layers whose MatMul takes
+  an FP8 weight but an unquantized activation (no Q/DQ pair expected there).
 Float32 inputs are cast to float16 where the model's input is float16.
 Prints one JSON object per job on stdout; exits 1 if any job fails.
 Error metric per output: max |ort - ref| / max |ref| (relative to the output's range).
@@ -24,8 +26,9 @@ from onnx import TensorProto, numpy_helper
 FP8 = {TensorProto.FLOAT8E4M3FN, TensorProto.FLOAT8E5M2}
 
 
-def conventions(path):
+def conventions(path, weight_only=()):
     """FP8 Q/DQ conventions (opset, IR, zero points, saturate, scale dtypes)."""
+    weight_only = set(weight_only)
     model = onnx.load(path)  # loads external data too
     problems = []
     opset = max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
@@ -80,7 +83,13 @@ def conventions(path):
             continue
         a = producer.get(n.input[0])
         q = producer.get(a.input[0]) if a is not None and a.op_type == "DequantizeLinear" else None
-        if q is None or q.op_type != "QuantizeLinear":
+        has_pair = q is not None and q.op_type == "QuantizeLinear"
+        if n.name.split("/")[0] in weight_only:
+            if has_pair:
+                problems.append(f"{n.name}: weight-only layer with a Q/DQ pair on the activation")
+            else:
+                counts["weight_only_matmuls"] = counts.get("weight_only_matmuls", 0) + 1
+        elif not has_pair:
             problems.append(f"{n.name}: FP8 weight without a Q/DQ pair on the activation")
         elif inits[q.input[2]].data_type != inits[a.input[2]].data_type:
             problems.append(f"{n.name}: Q and DQ disagree on the FP8 type")
@@ -94,7 +103,7 @@ def run_job(job):
     result = {"model": path}
     onnx.checker.check_model(path, full_check=True)
     result["checker"] = "ok"
-    problems, counts, opset, ir = conventions(path)
+    problems, counts, opset, ir = conventions(path, job.get("weight_only", []))
     result.update(conventions=problems, qdq=counts, opset=opset, ir_version=ir)
     if not job.get("run", True):
         # bfloat16 graphs: ONNX Runtime's CPU provider lacks bfloat16 kernels (and

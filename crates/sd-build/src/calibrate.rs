@@ -58,9 +58,13 @@ pub struct CalibrateArgs {
     /// Do not apply the default exclusions (embedders, final norm and projection).
     #[arg(long)]
     pub no_default_exclusions: bool,
-    /// Quantize the per-block adaLN modulation layers too (default: kept in high
-    /// precision, see calibration/README.md).
-    #[arg(long)]
+    /// How the per-block adaLN modulation layers run: `fp8-weights` (FP8 weights,
+    /// high-precision activations; the default), `fp8` (weights and activations) or
+    /// `high` (not quantized). See calibration/README.md for the measurements.
+    #[arg(long, value_name = "high|fp8-weights|fp8", default_value_t = sd_calibrate::AdalnPrecision::default())]
+    pub adaln: sd_calibrate::AdalnPrecision,
+    /// Same as `--adaln fp8` (kept for scripts written before `--adaln`).
+    #[arg(long, conflicts_with = "adaln")]
     pub quantize_adaln: bool,
     /// Also run T5's linear layers in FP8 (text encoders otherwise stay in high
     /// precision); the cache then carries their formats and scales too.
@@ -143,7 +147,11 @@ pub fn run(a: CalibrateArgs) -> Result<()> {
         target: a.target,
         exclude: a.exclude.clone(),
         default_exclusions: !a.no_default_exclusions,
-        quantize_adaln: a.quantize_adaln || sd_calibrate::QUANTIZE_ADALN_DEFAULT,
+        adaln: if a.quantize_adaln {
+            sd_calibrate::AdalnPrecision::Fp8
+        } else {
+            a.adaln
+        },
         quantize_t5: a.quantize_t5,
         weight_granularity: if a.per_tensor_weights {
             WeightGranularity::PerTensor

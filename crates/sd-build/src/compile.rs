@@ -124,7 +124,7 @@ pub fn run(args: CompileArgs) -> Result<()> {
                 )
             })?;
             opts.plan = cache.plan();
-            if opts.plan.fp8_layer_count() == 0 {
+            if opts.plan.fp8_weight_layer_count() == 0 {
                 bail!(
                     "calibration cache {} quantizes no layer; compile with --precision bf16 instead",
                     path.display()
@@ -149,12 +149,13 @@ pub fn run(args: CompileArgs) -> Result<()> {
     };
     let m = sd_engine::compile_with(&ckpt, &fp, &opts, &args.out, builder)?;
     println!(
-        "wrote {} ({} target, {} precision, {} compute): {} FP8 layers, {} files, {}",
+        "wrote {} ({} target, {} precision, {} compute): {} FP8 layers, {} FP8 weight-only, {} files, {}",
         args.out.display(),
         m.target,
         m.precision,
         m.compute,
         m.fp8_layer_count(),
+        m.fp8_weight_only_layer_count(),
         m.files.len(),
         crate::inspect::human_bytes(m.total_bytes())
     );

@@ -83,16 +83,18 @@ fn print_summary(args: &InspectArgs, m: &Manifest) {
     );
     println!("target:        {} (compute {})", m.target, m.compute);
     let planned = m.layers.len();
-    println!(
-        "precision:     {} ({} FP8 linear layers{})",
-        m.precision,
-        m.fp8_layer_count(),
-        if planned > m.fp8_layer_count() {
-            format!(", {} kept dense by the plan", planned - m.fp8_layer_count())
-        } else {
-            String::new()
-        }
-    );
+    let (fp8, weight_only) = (m.fp8_layer_count(), m.fp8_weight_only_layer_count());
+    let mut parts = vec![format!("{fp8} FP8 linear layers")];
+    if weight_only > 0 {
+        parts.push(format!("{weight_only} with FP8 weights only"));
+    }
+    if planned > fp8 + weight_only {
+        parts.push(format!(
+            "{} kept dense by the plan",
+            planned - fp8 - weight_only
+        ));
+    }
+    println!("precision:     {} ({})", m.precision, parts.join(", "));
     println!(
         "model:         {} (compiled from {})",
         short(&m.model.fingerprint),

@@ -48,7 +48,7 @@ fn main() {
     cfg.width = Some(size);
     cfg.height = Some(size);
     cfg.target = Target::Cpu;
-    cfg.quantize_adaln = true;
+    cfg.adaln = sd_calibrate::AdalnPrecision::Fp8;
     let t = std::time::Instant::now();
     let cal = sd_calibrate::calibrate(&cfg, &mut |_| {}).unwrap();
     eprintln!("calibration {:?}", t.elapsed());
@@ -64,6 +64,15 @@ fn main() {
     let q = |l: &sd_calibrate::LayerRecord| cal.plan().layers.get(&l.name).cloned();
     let variants = vec![
         ("calibrated mse (adaLN fp8)".to_string(), cal.plan()),
+        (
+            "calibrated mse, adaLN fp8 weights only".to_string(),
+            plan(&cal, |l| match q(l) {
+                Some(LinearQuant::Fp8 { weight, .. }) if adaln(&l.name) => {
+                    Some(LinearQuant::Fp8WeightOnly { weight })
+                }
+                other => other,
+            }),
+        ),
         (
             "calibrated mse, adaLN high".to_string(),
             plan(&cal, |l| if adaln(&l.name) { None } else { q(l) }),

@@ -63,7 +63,12 @@ pub struct Settings {
     pub seed: u64,
     pub max_sequence_length: usize,
     pub weight_granularity: WeightGranularity,
+    /// adaLN modulation weights are stored in FP8 (`fp8` or `fp8_weights`, see
+    /// [`Settings::adaln`]).
     pub quantize_adaln: bool,
+    /// ... with their activations left unquantized (absent in older caches: false).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub adaln_weight_only: bool,
     /// T5's linear layers were calibrated too (absent in older caches: false).
     #[serde(default)]
     pub quantize_t5: bool,
@@ -87,7 +92,11 @@ pub enum WeightGranularity {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Summary {
     pub layers: usize,
+    /// Layers run as FP8 GEMMs (weights and activations).
     pub fp8_layers: usize,
+    /// Layers with FP8 weights and high-precision activations (absent in older caches).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub weight_only_layers: usize,
     pub e4m3_activations: usize,
     pub e5m2_activations: usize,
     pub excluded: usize,
@@ -100,6 +109,10 @@ pub struct LayerRecord {
     pub in_features: usize,
     pub out_features: usize,
     pub quantized: bool,
+    /// Only the weights are FP8; the input stays at the engine's high precision (the
+    /// activation record is evidence, not used). Absent in older caches: false.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub weight_only: bool,
     /// The pattern that kept this layer in high precision.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub excluded_by: Option<String>,
@@ -148,6 +161,25 @@ pub struct WeightRecord {
     pub sqnr_db: f64,
 }
 
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
+}
+
+impl Settings {
+    /// How the adaLN modulation layers were calibrated.
+    pub fn adaln(&self) -> crate::AdalnPrecision {
+        match (self.quantize_adaln, self.adaln_weight_only) {
+            (false, _) => crate::AdalnPrecision::High,
+            (true, true) => crate::AdalnPrecision::Fp8Weights,
+            (true, false) => crate::AdalnPrecision::Fp8,
+        }
+    }
+}
+
 impl CalibrationCache {
     pub fn to_yaml(&self) -> Result<String> {
         serde_norway::to_string(self)
@@ -181,9 +213,15 @@ impl CalibrationCache {
         let ok = |s: f32| s.is_finite() && s > 0.0;
         for l in &self.layers {
             if !l.quantized {
+                if l.weight_only {
+                    return Err(format!(
+                        "layer {}: weight_only is set on a layer that is not quantized",
+                        l.name
+                    ));
+                }
                 continue;
             }
-            if !ok(l.activation.scale) {
+            if !l.weight_only && !ok(l.activation.scale) {
                 return Err(format!(
                     "layer {}: activation scale {} is not positive and finite",
                     l.name, l.activation.scale
@@ -203,7 +241,7 @@ impl CalibrationCache {
                     l.name
                 ));
             }
-            if !self.settings.target.allows_activation(l.activation.format) {
+            if !l.weight_only && !self.settings.target.allows_activation(l.activation.format) {
                 return Err(format!(
                     "layer {}: {} activations are not allowed for target {}",
                     l.name, l.activation.format, self.settings.target
@@ -257,23 +295,27 @@ impl CalibrationCache {
     }
 
     /// The precision plan: FP8 entries (weights E4M3 with the stored scales, inputs
-    /// with the chosen format and scale) for every quantized layer.
+    /// with the chosen format and scale) for every quantized layer; weight-only
+    /// entries for the layers calibrated that way.
     pub fn plan(&self) -> PrecisionPlan {
         let mut plan = PrecisionPlan::default();
         for l in self.layers.iter().filter(|l| l.quantized) {
-            plan.layers.insert(
-                l.name.clone(),
+            let weight = WeightQuant {
+                format: l.weight.format,
+                scales: l.weight.scales.clone(),
+            };
+            let quant = if l.weight_only {
+                LinearQuant::Fp8WeightOnly { weight }
+            } else {
                 LinearQuant::Fp8 {
-                    weight: WeightQuant {
-                        format: l.weight.format,
-                        scales: l.weight.scales.clone(),
-                    },
+                    weight,
                     input: ActivationQuant {
                         format: l.activation.format,
                         scale: l.activation.scale,
                     },
-                },
-            );
+                }
+            };
+            plan.layers.insert(l.name.clone(), quant);
         }
         plan
     }

@@ -176,7 +176,7 @@ pub fn evaluate(
         let n = images.len().max(1) as f64;
         scores.push(VariantScore {
             name: name.clone(),
-            fp8_layers: plan.fp8_layer_count(),
+            fp8_layers: plan.fp8_weight_layer_count(),
             mean_psnr_db: images.iter().map(|s| s.psnr_db).sum::<f64>() / n,
             min_psnr_db: images
                 .iter()

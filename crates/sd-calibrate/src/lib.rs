@@ -130,10 +130,45 @@ pub const DEFAULT_EXCLUDE: &[&str] = &[
 ];
 /// The per-block adaLN modulation layers.
 pub const ADALN_PATTERNS: &[&str] = &["*.norm1.linear", "*.norm1_context.linear"];
-/// Whether adaLN modulation is quantized by default: no, by measurement (FP8 adaLN
-/// cost 1.6 dB of mean PSNR on tiny-sd35m for a negligible speed gain, its GEMMs having
-/// one row per batch entry); see calibration/README.md.
-pub const QUANTIZE_ADALN_DEFAULT: bool = false;
+/// How the per-block adaLN modulation layers ([`ADALN_PATTERNS`]) are calibrated.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AdalnPrecision {
+    /// Left at the engine's high precision (excluded from FP8).
+    High,
+    /// FP8 weights, high-precision activations (W8A16). The default: adaLN is about a
+    /// third of a block's parameters, so this is what brings the FP8 weight bytes near
+    /// half of BF16, and its input (silu of the timestep embedding, one row per batch
+    /// entry) is where activation quantization costs fidelity for no compute gain.
+    #[default]
+    Fp8Weights,
+    /// FP8 weights and activations, like every other quantized layer.
+    Fp8,
+}
+
+impl fmt::Display for AdalnPrecision {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            AdalnPrecision::High => "high",
+            AdalnPrecision::Fp8Weights => "fp8-weights",
+            AdalnPrecision::Fp8 => "fp8",
+        })
+    }
+}
+
+impl FromStr for AdalnPrecision {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "high" | "bf16" => Ok(AdalnPrecision::High),
+            "fp8-weights" | "fp8_weights" | "w8a16" => Ok(AdalnPrecision::Fp8Weights),
+            "fp8" | "w8a8" => Ok(AdalnPrecision::Fp8),
+            _ => Err(format!(
+                "unknown adaLN precision `{s}` (expected high, fp8-weights or fp8)"
+            )),
+        }
+    }
+}
 /// E5M2 is chosen only if it lowers the activation MSE by at least this much.
 pub const E5M2_MARGIN_DB: f64 = 1.0;
 /// `mse` keeps the largest threshold whose error is within this much of the least
@@ -197,7 +232,7 @@ pub struct CalibrationConfig {
     pub exclude: Vec<String>,
     /// Use [`DEFAULT_EXCLUDE`].
     pub default_exclusions: bool,
-    pub quantize_adaln: bool,
+    pub adaln: AdalnPrecision,
     /// Also calibrate T5's linear layers for FP8 (text encoders otherwise stay at the
     /// engine's high precision).
     pub quantize_t5: bool,
@@ -224,7 +259,7 @@ impl CalibrationConfig {
             target: Target::Cuda,
             exclude: Vec::new(),
             default_exclusions: true,
-            quantize_adaln: QUANTIZE_ADALN_DEFAULT,
+            adaln: AdalnPrecision::default(),
             quantize_t5: false,
             weight_granularity: WeightGranularity::PerChannel,
             observe_attention: false,
@@ -239,7 +274,7 @@ impl CalibrationConfig {
         if self.default_exclusions {
             v.extend(DEFAULT_EXCLUDE.iter().map(|s| s.to_string()));
         }
-        if !self.quantize_adaln {
+        if self.adaln == AdalnPrecision::High {
             v.extend(ADALN_PATTERNS.iter().map(|s| s.to_string()));
         }
         for p in &self.exclude {
@@ -410,12 +445,16 @@ pub fn calibrate_checkpoint(
                 WeightGranularity::PerTensor => vec![hist::scale_for(e4, amax)],
             };
             let excluded_by = excl.iter().find(|p| pattern::glob_match(p, name)).cloned();
+            let weight_only = excluded_by.is_none()
+                && cfg.adaln == AdalnPrecision::Fp8Weights
+                && ADALN_PATTERNS.iter().any(|p| pattern::glob_match(p, name));
             Ok(LayerRecord {
                 name: name.clone(),
                 role: role(name).to_string(),
                 in_features: inp,
                 out_features: out,
                 quantized: excluded_by.is_none(),
+                weight_only,
                 excluded_by,
                 activation,
                 weight: cache::WeightRecord {
@@ -434,10 +473,16 @@ pub fn calibrate_checkpoint(
         .map(|(n, st)| tensor_record(n, st, cfg, &formats))
         .collect::<Result<Vec<_>>>()?;
 
-    let q: Vec<&LayerRecord> = layers.iter().filter(|l| l.quantized).collect();
+    // FP8 GEMM layers (weights and activations) and weight-only FP8 layers.
+    let q: Vec<&LayerRecord> = layers
+        .iter()
+        .filter(|l| l.quantized && !l.weight_only)
+        .collect();
+    let weight_only = layers.iter().filter(|l| l.weight_only).count();
     let summary = cache::Summary {
         layers: layers.len(),
         fp8_layers: q.len(),
+        weight_only_layers: weight_only,
         e4m3_activations: q
             .iter()
             .filter(|l| l.activation.format == Fp8Format::E4M3)
@@ -446,7 +491,7 @@ pub fn calibrate_checkpoint(
             .iter()
             .filter(|l| l.activation.format == Fp8Format::E5M2)
             .count(),
-        excluded: layers.len() - q.len(),
+        excluded: layers.len() - q.len() - weight_only,
     };
     Ok(CalibrationCache {
         format_version: cache::FORMAT_VERSION,
@@ -476,7 +521,8 @@ pub fn calibrate_checkpoint(
             seed: cfg.seed,
             max_sequence_length: cfg.max_sequence_length,
             weight_granularity: cfg.weight_granularity,
-            quantize_adaln: cfg.quantize_adaln,
+            quantize_adaln: cfg.adaln != AdalnPrecision::High,
+            adaln_weight_only: cfg.adaln == AdalnPrecision::Fp8Weights,
             quantize_t5: cfg.quantize_t5,
             e5m2_margin_db: cfg.e5m2_margin_db,
             mse_tolerance_db: cfg.mse_tolerance_db,

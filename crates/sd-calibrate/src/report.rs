@@ -29,8 +29,14 @@ pub fn terminal_table(c: &CalibrationCache) -> String {
             "{:<w$}  {:<15} {:<5} {:<5} {:>11.4e} {:>11.4e} {:>8.3} {:>7.1}dB {:>7.1}dB",
             l.name,
             l.role,
-            if l.quantized { "fp8" } else { "high" },
-            if l.quantized {
+            if l.weight_only {
+                "w8"
+            } else if l.quantized {
+                "fp8"
+            } else {
+                "high"
+            },
+            if l.quantized && !l.weight_only {
                 a.format.to_string()
             } else {
                 "-".into()
@@ -49,11 +55,12 @@ pub fn terminal_table(c: &CalibrationCache) -> String {
     let m = &c.summary;
     let _ = writeln!(
         s,
-        "{} layers: {} FP8 ({} E4M3, {} E5M2 activations), {} high precision; target {}, method {}",
+        "{} layers: {} FP8 ({} E4M3, {} E5M2 activations), {} FP8 weights only (w8), {} high precision; target {}, method {}",
         m.layers,
         m.fp8_layers,
         m.e4m3_activations,
         m.e5m2_activations,
+        m.weight_only_layers,
         m.excluded,
         c.settings.target,
         c.settings.method
@@ -259,7 +266,7 @@ pub fn html(
     let st = &c.settings;
     let _ = write!(
         s,
-        "<p>Model fingerprint <code>{}</code>; prompt set <code>{}</code> ({} prompts); target <b>{}</b>, method <b>{}</b>; {} samples x {} steps at {}x{}, guidance {}, seed {}; weights {:?}; adaLN quantized: {}; E5M2 margin {} dB. Cache content hash <code>{}</code>.</p>",
+        "<p>Model fingerprint <code>{}</code>; prompt set <code>{}</code> ({} prompts); target <b>{}</b>, method <b>{}</b>; {} samples x {} steps at {}x{}, guidance {}, seed {}; weights {:?}; adaLN: {}; E5M2 margin {} dB. Cache content hash <code>{}</code>.</p>",
         c.model.fingerprint,
         c.prompts.sha256,
         c.prompts.count,
@@ -272,7 +279,7 @@ pub fn html(
         st.guidance,
         st.seed,
         st.weight_granularity,
-        st.quantize_adaln,
+        st.adaln(),
         st.e5m2_margin_db,
         c.content_hash()
     );
@@ -327,7 +334,9 @@ pub fn html(
             if l.quantized { "" } else { "high" },
             esc(&l.name),
             l.role,
-            if l.quantized {
+            if l.weight_only {
+                "FP8 weights".to_string()
+            } else if l.quantized {
                 "FP8".to_string()
             } else {
                 format!("high ({})", esc(l.excluded_by.as_deref().unwrap_or("")))

@@ -50,8 +50,12 @@ fn calibrates_tiny_model_quickly_with_full_records() {
         c.layers.iter().map(|l| l.name.clone()).collect::<Vec<_>>(),
         names
     );
+    // By default adaLN keeps FP8 weights with a high-precision input (not excluded).
     let excl = quick("tiny-sd3", Target::Cpu).exclusions();
-    assert!(excl.iter().any(|p| p == "*.norm1.linear"));
+    assert!(!excl.iter().any(|p| p == "*.norm1.linear"));
+    let mut high = quick("tiny-sd3", Target::Cpu);
+    high.adaln = sd_calibrate::AdalnPrecision::High;
+    assert!(high.exclusions().iter().any(|p| p == "*.norm1.linear"));
     for l in &c.layers {
         assert_eq!(l.activation.step_amax.len(), 3, "{}", l.name);
         assert!(l.activation.amax > 0.0);
@@ -59,15 +63,26 @@ fn calibrates_tiny_model_quickly_with_full_records() {
         assert_eq!(l.weight.scales.len(), l.out_features);
         assert_eq!(l.activation.evidence.len(), 2);
         let excluded = excl.iter().any(|p| pattern::glob_match(p, &l.name));
-        if l.role == "adaln" {
-            assert!(excluded && l.excluded_by.is_some(), "{}", l.name);
-        }
+        assert_eq!(l.weight_only, l.role == "adaln", "{}", l.name);
         assert_eq!(l.quantized, !excluded, "{}", l.name);
     }
     let plan = c.plan();
     assert_eq!(plan.fp8_layer_count(), c.summary.fp8_layers);
+    assert_eq!(
+        plan.fp8_weight_layer_count(),
+        c.summary.fp8_layers + c.summary.weight_only_layers
+    );
+    assert!(c.summary.weight_only_layers > 0);
     assert!(!plan.get("proj_out").is_fp8());
     assert!(plan.get("transformer_blocks.0.attn.to_q").is_fp8());
+    assert!(matches!(
+        plan.get("transformer_blocks.0.norm1.linear"),
+        sd_model::LinearQuant::Fp8WeightOnly { .. }
+    ));
+    // The cache says so, and reads back to the same plan.
+    assert_eq!(c.settings.adaln(), sd_calibrate::AdalnPrecision::Fp8Weights);
+    let back = CalibrationCache::from_yaml("test", &c.to_yaml().unwrap()).unwrap();
+    assert_eq!(back.plan(), plan);
     // The plan runs: FP8-simulated generation works and stays close to FP32.
     let p = sd_pipeline::Sd3Pipeline::load(&ckpt, sd_cpu::CpuBackend::default(), &plan).unwrap();
     let req = sd_pipeline::GenerateRequest {

@@ -86,14 +86,7 @@ pub fn fp8_weight(
         )));
     }
     let mut w = weight.to_vec();
-    for (o, row) in w.chunks_mut(inp).enumerate() {
-        let s = if q.scales.len() == 1 {
-            q.scales[0]
-        } else {
-            q.scales[o]
-        };
-        sd_fp8::fake_quantize_slice(q.format, row, s);
-    }
+    q.fake_quantize(&mut w, inp);
     Ok(w)
 }
 
@@ -153,6 +146,7 @@ impl Backend for CpuBackend {
                 }
                 (fp8_weight(spec, &raw, wq)?, Some(input.clone()))
             }
+            LinearQuant::Fp8WeightOnly { weight: wq } => (fp8_weight(spec, &raw, wq)?, None),
         };
         Ok(CpuLinear {
             spec: spec.clone(),

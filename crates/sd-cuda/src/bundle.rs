@@ -246,18 +246,17 @@ fn load_onto(bundle: &Bundle, backend: CudaBackend) -> sd_engine::Result<Sd3Pipe
         .manifest
         .layers
         .iter()
-        .filter(|l| l.precision == "fp8")
+        .filter(|l| l.precision == sd_engine::manifest::PRECISION_FP8)
         .map(|l| l.component.as_str())
         .collect();
     components.sort_unstable();
     components.dedup();
     for comp in components {
         let weights = bundle.weights(comp)?;
-        for layer in bundle
-            .manifest
-            .layers
-            .iter()
-            .filter(|l| l.component == comp && l.precision == "fp8")
+        for layer in
+            bundle.manifest.layers.iter().filter(|l| {
+                l.component == comp && l.precision == sd_engine::manifest::PRECISION_FP8
+            })
         {
             let w = weights
                 .fp8(&layer.name)

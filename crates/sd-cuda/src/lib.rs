@@ -1153,8 +1153,36 @@ impl Inner {
             }
             None => None,
         };
+        if let LinearQuant::Fp8WeightOnly { weight: wq } = &spec.quant {
+            // W8A16: the layer runs as a dense GEMM on the weights' FP8 values (code *
+            // scale, what the CPU engine computes with), rounded to BF16 for upload; a
+            // bundle's weights arrive already dequantized, a checkpoint's are quantized
+            // here. GPU memory holds them in BF16: no kernel reads FP8 codes with a
+            // high-precision input yet.
+            if wq.format != Fp8Format::E4M3 {
+                return Err(bad(format!(
+                    "layer {}: FP8 weights must be E4M3 (plan says {})",
+                    spec.name,
+                    wq.format.name()
+                )));
+            }
+            if wq.scales.len() != out && wq.scales.len() != 1 {
+                return Err(bad(format!(
+                    "layer {}: {} weight scales for {out} output channels",
+                    spec.name,
+                    wq.scales.len()
+                )));
+            }
+            if let Some(s) = wq.scales.iter().find(|s| !(s.is_finite() && **s > 0.0)) {
+                return Err(bad(format!(
+                    "layer {}: weight scale {s} is not positive and finite",
+                    spec.name
+                )));
+            }
+            wq.fake_quantize(&mut w, inp);
+        }
         let kind = match &spec.quant {
-            LinearQuant::None => match self.precision {
+            LinearQuant::None | LinearQuant::Fp8WeightOnly { .. } => match self.precision {
                 CudaPrecision::F32 => LinearKind::F32 {
                     w: self.upload_f32(&w)?,
                 },
@@ -2856,7 +2884,7 @@ impl Backend for CudaBackend {
                 .lock()
                 .map_err(|_| ModelError::backend("prepacked weights mutex poisoned"))?
                 .remove(&spec.name),
-            LinearQuant::None => None,
+            LinearQuant::None | LinearQuant::Fp8WeightOnly { .. } => None,
         };
         self.call(|i| i.load_linear(spec, weight, bias, packed))
     }

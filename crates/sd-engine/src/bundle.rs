@@ -63,10 +63,11 @@ pub fn read_manifest(dir: &Path) -> Result<Manifest> {
         .get("format_version")
         .and_then(|v| v.as_u64())
         .unwrap_or(0);
-    if version != u64::from(FORMAT_VERSION) {
+    if !(u64::from(OLDEST_READABLE_FORMAT_VERSION)..=u64::from(FORMAT_VERSION)).contains(&version) {
         return Err(EngineError::Version {
             dir: dir.to_path_buf(),
             found: version,
+            oldest: OLDEST_READABLE_FORMAT_VERSION,
             expected: FORMAT_VERSION,
         });
     }
@@ -252,12 +253,10 @@ impl Bundle {
             })?;
         let payload = Payload::open(&self.dir.join(&entry.file))?;
         let mut fp8 = BTreeMap::new();
-        for l in self
-            .manifest
-            .layers
-            .iter()
-            .filter(|l| l.component == comp && l.precision == "fp8")
-        {
+        for l in self.manifest.layers.iter().filter(|l| {
+            l.component == comp
+                && (l.precision == PRECISION_FP8 || l.precision == PRECISION_FP8_WEIGHT_ONLY)
+        }) {
             let q = layer_quant(&payload, l)?;
             let wt = l.weight_tensor.clone().unwrap_or_default();
             fp8.insert(
@@ -310,13 +309,6 @@ fn layer_quant(p: &Payload, l: &LayerEntry) -> Result<LinearQuant> {
         reason,
     };
     let ws = p.f32s(l.weight_scale_tensor.as_deref().unwrap_or_default())?;
-    let is = p.f32s(l.input_scale_tensor.as_deref().unwrap_or_default())?;
-    if is.len() != 1 {
-        return Err(corrupt(format!(
-            "layer `{}` input scale is not one value",
-            l.name
-        )));
-    }
     let out = l.shape.first().copied().unwrap_or(0);
     if ws.len() != 1 && ws.len() != out {
         return Err(corrupt(format!(
@@ -325,11 +317,22 @@ fn layer_quant(p: &Payload, l: &LayerEntry) -> Result<LinearQuant> {
             ws.len()
         )));
     }
+    let weight = WeightQuant {
+        format: parse_format(&p.path, &l.name, &l.weight_format)?,
+        scales: ws,
+    };
+    if l.precision == PRECISION_FP8_WEIGHT_ONLY {
+        return Ok(LinearQuant::Fp8WeightOnly { weight });
+    }
+    let is = p.f32s(l.input_scale_tensor.as_deref().unwrap_or_default())?;
+    if is.len() != 1 {
+        return Err(corrupt(format!(
+            "layer `{}` input scale is not one value",
+            l.name
+        )));
+    }
     Ok(LinearQuant::Fp8 {
-        weight: WeightQuant {
-            format: parse_format(&p.path, &l.name, &l.weight_format)?,
-            scales: ws,
-        },
+        weight,
         input: ActivationQuant {
             format: parse_format(&p.path, &l.name, &l.input_format)?,
             scale: is[0],
@@ -425,7 +428,7 @@ impl WeightSource for BundleWeights {
                 .entries
                 .get(&e.tensor)
                 .ok_or_else(|| self.missing(&e.tensor))?;
-            let LinearQuant::Fp8 { weight, .. } = &e.quant else {
+            let Some(weight) = e.quant.weight_quant() else {
                 return Err(self.missing(name));
             };
             let codes = self.payload.bytes(t);

@@ -175,7 +175,7 @@ fn check_plan(ckpt: &Checkpoint, plan: &PrecisionPlan) -> Result<()> {
         .map(|c| ckpt.weights(c))
         .collect::<std::result::Result<Vec<_>, _>>()?;
     for (name, q) in &plan.layers {
-        let LinearQuant::Fp8 { weight, input } = q else {
+        let Some(weight) = q.weight_quant() else {
             continue;
         };
         let wname = format!("{name}.weight");
@@ -196,7 +196,7 @@ fn check_plan(ckpt: &Checkpoint, plan: &PrecisionPlan) -> Result<()> {
         if let Some(s) = weight
             .scales
             .iter()
-            .chain(std::iter::once(&input.scale))
+            .chain(q.input_quant().map(|i| &i.scale))
             .find(|s| !(s.is_finite() && **s > 0.0))
         {
             return Err(EngineError::PlanMismatch(format!(
@@ -551,7 +551,9 @@ fn write_component(
     for name in &names {
         let t = src.get(name)?;
         let layer = name.strip_suffix(".weight");
-        if let Some(LinearQuant::Fp8 { weight, input }) = layer.and_then(|l| plan.layers.get(l)) {
+        let quant = layer.and_then(|l| plan.layers.get(l));
+        if let Some(weight) = quant.and_then(|q| q.weight_quant()) {
+            let input = quant.and_then(|q| q.input_quant());
             let layer = layer.unwrap_or_default().to_string();
             let out = t.shape[0];
             let inp = t.numel() / out.max(1);
@@ -576,25 +578,33 @@ fn write_component(
             items.push(Item::WeightScale {
                 layer: layer.clone(),
             });
-            plans.push(TensorPlan {
-                name: input_scale_tensor(&layer),
-                dtype: Dtype::F32,
-                shape: vec![1],
-            });
-            items.push(Item::InputScale {
-                layer: layer.clone(),
-            });
+            // Weight-only layers have no input quantizer, so no input scale tensor.
+            if input.is_some() {
+                plans.push(TensorPlan {
+                    name: input_scale_tensor(&layer),
+                    dtype: Dtype::F32,
+                    shape: vec![1],
+                });
+                items.push(Item::InputScale {
+                    layer: layer.clone(),
+                });
+            }
             layers.push(LayerEntry {
                 name: layer.clone(),
                 component: comp.to_string(),
-                precision: "fp8".into(),
+                precision: if input.is_some() {
+                    PRECISION_FP8
+                } else {
+                    PRECISION_FP8_WEIGHT_ONLY
+                }
+                .into(),
                 weight_format: Some(weight.format.to_string()),
-                input_format: Some(input.format.to_string()),
-                input_scale: Some(input.scale),
+                input_format: input.map(|i| i.format.to_string()),
+                input_scale: input.map(|i| i.scale),
                 weight_scales: Some(weight.scales.len()),
                 weight_tensor: Some(tname),
                 weight_scale_tensor: Some(weight_scale_tensor(&layer)),
-                input_scale_tensor: Some(input_scale_tensor(&layer)),
+                input_scale_tensor: input.map(|_| input_scale_tensor(&layer)),
                 shape: vec![out, inp],
             });
         } else {
@@ -613,14 +623,14 @@ fn write_component(
     }
     // Layers the plan names as dense (LinearQuant::None) are listed too.
     for (name, q) in &plan.layers {
-        if !q.is_fp8()
+        if q.weight_quant().is_none()
             && let Ok(t) = src.get(&format!("{name}.weight"))
         {
             let out = t.shape[0];
             layers.push(LayerEntry {
                 name: name.clone(),
                 component: comp.to_string(),
-                precision: "dense".into(),
+                precision: PRECISION_DENSE.into(),
                 weight_format: None,
                 input_format: None,
                 input_scale: None,
@@ -652,7 +662,7 @@ fn write_component(
                 }
             }
             Item::Codes { layer } => {
-                let Some(LinearQuant::Fp8 { weight, .. }) = plan.layers.get(layer) else {
+                let Some(weight) = plan.layers.get(layer).and_then(|q| q.weight_quant()) else {
                     return Err(EngineError::Internal(format!("no plan for {layer}")));
                 };
                 let t = src.get(&format!("{layer}.weight"))?;
@@ -677,12 +687,12 @@ fn write_component(
                 // Both layouts store [out, in] row-major (see `Fp8Layout`).
                 codes
             }
-            Item::WeightScale { layer } => match plan.layers.get(layer) {
-                Some(LinearQuant::Fp8 { weight, .. }) => {
-                    weight.scales.iter().flat_map(|s| s.to_le_bytes()).collect()
+            Item::WeightScale { layer } => {
+                match plan.layers.get(layer).and_then(|q| q.weight_quant()) {
+                    Some(weight) => weight.scales.iter().flat_map(|s| s.to_le_bytes()).collect(),
+                    None => return Err(EngineError::Internal(format!("no plan for {layer}"))),
                 }
-                _ => return Err(EngineError::Internal(format!("no plan for {layer}"))),
-            },
+            }
             Item::InputScale { layer } => match plan.layers.get(layer) {
                 Some(LinearQuant::Fp8 { input, .. }) => input.scale.to_le_bytes().to_vec(),
                 _ => return Err(EngineError::Internal(format!("no plan for {layer}"))),

@@ -46,11 +46,12 @@ pub enum EngineError {
     )]
     NotABundle { dir: PathBuf, reason: String },
     #[error(
-        "engine bundle {dir} has format version {found}; this build reads version {expected}. Rebuild it with this sd-build: `sd-build compile ... --out {dir} --force`"
+        "engine bundle {dir} has format version {found}; this build reads versions {oldest} to {expected}. Rebuild it with this sd-build: `sd-build compile ... --out {dir} --force`"
     )]
     Version {
         dir: PathBuf,
         found: u64,
+        oldest: u32,
         expected: u32,
     },
     #[error(

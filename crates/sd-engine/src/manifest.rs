@@ -5,8 +5,20 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-/// Bumped on any change a loader of an older version would misread.
-pub const FORMAT_VERSION: u32 = 1;
+/// Bumped on any change a loader of an older version would misread. Version 2 added
+/// weight-only FP8 layers ([`PRECISION_FP8_WEIGHT_ONLY`]), which a version-1 loader
+/// would take for dense tensors of an unknown dtype.
+pub const FORMAT_VERSION: u32 = 2;
+/// The oldest version this build still reads (every version-1 bundle is a valid
+/// version-2 bundle without weight-only layers).
+pub const OLDEST_READABLE_FORMAT_VERSION: u32 = 1;
+
+/// [`LayerEntry::precision`] of a layer run as an FP8 GEMM (weights and input FP8).
+pub const PRECISION_FP8: &str = "fp8";
+/// [`LayerEntry::precision`] of a layer with FP8 weights and a high-precision input.
+pub const PRECISION_FP8_WEIGHT_ONLY: &str = "fp8_weight_only";
+/// [`LayerEntry::precision`] of a layer the plan keeps at the compute precision.
+pub const PRECISION_DENSE: &str = "dense";
 /// The `format` field of every manifest.
 pub const FORMAT_NAME: &str = "sd-engine-bundle";
 /// The manifest's file name inside a bundle directory.
@@ -238,8 +250,19 @@ impl Manifest {
     pub fn component(&self, name: &str) -> Option<&ComponentEntry> {
         self.components.iter().find(|c| c.name == name)
     }
+    /// Layers run as FP8 GEMMs.
     pub fn fp8_layer_count(&self) -> usize {
-        self.layers.iter().filter(|l| l.precision == "fp8").count()
+        self.layers
+            .iter()
+            .filter(|l| l.precision == PRECISION_FP8)
+            .count()
+    }
+    /// Layers with FP8 weights and a high-precision input.
+    pub fn fp8_weight_only_layer_count(&self) -> usize {
+        self.layers
+            .iter()
+            .filter(|l| l.precision == PRECISION_FP8_WEIGHT_ONLY)
+            .count()
     }
     /// Bytes of every payload file.
     pub fn total_bytes(&self) -> u64 {

@@ -44,23 +44,32 @@ fn test_plan(ckpt: &Checkpoint) -> PrecisionPlan {
                 if amax > 0.0 { amax / 448.0 } else { 1.0 }
             })
             .collect();
-        plan.layers.insert(
-            layer.to_string(),
+        let weight = WeightQuant {
+            format: Fp8Format::E4M3,
+            scales,
+        };
+        // adaLN modulation as calibration makes it by default: FP8 weights only.
+        let quant = if layer.ends_with(".norm1.linear") || layer.ends_with(".norm1_context.linear")
+        {
+            LinearQuant::Fp8WeightOnly { weight }
+        } else {
             LinearQuant::Fp8 {
-                weight: WeightQuant {
-                    format: Fp8Format::E4M3,
-                    scales,
-                },
+                weight,
                 input: ActivationQuant {
                     format: Fp8Format::E4M3,
                     scale: 0.02,
                 },
-            },
-        );
+            }
+        };
+        plan.layers.insert(layer.to_string(), quant);
     }
     assert!(
         plan.fp8_layer_count() > 4,
         "the test plan should quantize layers"
+    );
+    assert!(
+        plan.fp8_weight_layer_count() > plan.fp8_layer_count(),
+        "the test plan should have weight-only layers"
     );
     plan
 }
@@ -155,27 +164,43 @@ fn fp8_codes_are_stored_as_bytes_with_scales() {
     compile_to("tiny-sd3", &fp8_options(plan.clone(), Compute::Bf16), &out);
     let bundle = Bundle::open(&out).unwrap();
     let w = bundle.weights("transformer").unwrap();
-    let (layer, q) = plan.layers.iter().next().unwrap();
-    let f = w.fp8(layer).unwrap();
-    assert_eq!(f.quant, q);
     let orig = ckpt.weights("transformer").unwrap();
-    let ow = orig.get(&format!("{layer}.weight")).unwrap();
-    assert_eq!(f.shape, ow.shape);
-    assert_eq!(f.codes.len(), ow.numel());
-    // The weight handed to backends is code * scale, f32.
-    let deq = w.get(&format!("{layer}.weight")).unwrap();
-    assert_eq!(deq.dtype, sd_model::StorageDType::F32);
-    let LinearQuant::Fp8 { weight, .. } = q else {
-        unreachable!()
-    };
-    let inp = ow.shape[1];
-    let v = deq.to_f32();
-    for (i, &c) in f.codes.iter().enumerate().take(4 * inp) {
-        assert_eq!(
-            v[i].to_bits(),
-            sd_fp8::dequantize(Fp8Format::E4M3, c, weight.scales[i / inp]).to_bits()
-        );
+    // One FP8 GEMM layer and one weight-only layer.
+    let fp8 = plan.layers.iter().find(|(_, q)| q.is_fp8()).unwrap();
+    let weight_only = plan
+        .layers
+        .iter()
+        .find(|(_, q)| matches!(q, LinearQuant::Fp8WeightOnly { .. }))
+        .unwrap();
+    for (layer, q) in [fp8, weight_only] {
+        let f = w.fp8(layer).unwrap();
+        assert_eq!(f.quant, q);
+        let ow = orig.get(&format!("{layer}.weight")).unwrap();
+        assert_eq!(f.shape, ow.shape);
+        assert_eq!(f.codes.len(), ow.numel());
+        // The weight handed to backends is code * scale, f32.
+        let deq = w.get(&format!("{layer}.weight")).unwrap();
+        assert_eq!(deq.dtype, sd_model::StorageDType::F32);
+        let weight = q.weight_quant().unwrap();
+        let inp = ow.shape[1];
+        let v = deq.to_f32();
+        for (i, &c) in f.codes.iter().enumerate().take(4 * inp) {
+            assert_eq!(
+                v[i].to_bits(),
+                sd_fp8::dequantize(Fp8Format::E4M3, c, weight.scales[i / inp]).to_bits()
+            );
+        }
     }
+    // A weight-only layer has no input scale; the manifest says what it is.
+    let names = w.names();
+    assert!(!names.contains(&format!("{}.input_scale", weight_only.0)));
+    assert_eq!(bundle.manifest.fp8_layer_count(), plan.fp8_layer_count());
+    assert_eq!(
+        bundle.manifest.fp8_weight_only_layer_count(),
+        plan.fp8_weight_layer_count() - plan.fp8_layer_count()
+    );
+    // The plan read back from the bundle is the plan compiled.
+    assert_eq!(bundle.plan().unwrap(), plan);
     // Scales are not model parameters.
     assert!(!w.names().iter().any(|n| n.ends_with("_scale")));
 }
@@ -248,15 +273,22 @@ fn tampered_truncated_missing_and_versioned_bundles_are_refused() {
     std::fs::write(&vae, &original).unwrap();
     load_cpu_pipeline(&out).unwrap();
 
-    // Another format version.
+    // Version 1 (before weight-only layers) still reads: a bundle without such
+    // layers is the same in both versions.
     let mpath = out.join("manifest.json");
     let manifest = std::fs::read_to_string(&mpath).unwrap();
     let mut v: serde_json::Value = serde_json::from_str(&manifest).unwrap();
+    v["format_version"] = serde_json::json!(1);
+    std::fs::write(&mpath, serde_json::to_string(&v).unwrap()).unwrap();
+    load_cpu_pipeline(&out).unwrap();
+
+    // Another format version.
     v["format_version"] = serde_json::json!(999);
     std::fs::write(&mpath, serde_json::to_string(&v).unwrap()).unwrap();
     let e = load_cpu_pipeline(&out).err().unwrap();
     assert!(matches!(e, EngineError::Version { found: 999, .. }), "{e}");
     assert!(e.to_string().contains("Rebuild"), "{e}");
+    assert!(e.to_string().contains("versions 1 to 2"), "{e}");
 
     // No manifest.
     std::fs::remove_file(&mpath).unwrap();

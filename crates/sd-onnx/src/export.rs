@@ -492,7 +492,8 @@ pub fn manifest(models: &[ExportedModel], opts: &ExportOptions) -> serde_json::V
                 "name": q.name,
                 "weight": q.weight_format.to_string(),
                 "weight_scales": if q.per_channel { "per-channel" } else { "per-tensor" },
-                "input": q.input_format.to_string(),
+                // null: a weight-only layer (its input is not quantized).
+                "input": q.input_format.map(|f| f.to_string()),
             })).collect::<Vec<_>>(),
         })).collect::<Vec<_>>(),
     })

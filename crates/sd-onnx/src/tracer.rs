@@ -175,7 +175,8 @@ pub struct QuantizedLayer {
     pub name: String,
     pub weight_format: Fp8Format,
     pub per_channel: bool,
-    pub input_format: Fp8Format,
+    /// `None` for a weight-only layer (no input quantizer).
+    pub input_format: Option<Fp8Format>,
 }
 
 /// Options of a trace.
@@ -728,9 +729,14 @@ impl Backend for OnnxTracer {
                         .const_f(&format!("{}.weight", spec.name), c, &t, &[inp, out]);
                 (name, None)
             }
-            LinearQuant::Fp8 { weight: wq, input } => {
+            LinearQuant::Fp8 { weight: wq, .. } | LinearQuant::Fp8WeightOnly { weight: wq } => {
+                // Weight-only layers get the weight's DequantizeLinear and no input
+                // Q/DQ pair: the MatMul then takes the high-precision activation.
+                let input = spec.quant.input_quant();
                 self.check_format(&spec.name, "weights", wq.format)?;
-                self.check_format(&spec.name, "input activations", input.format)?;
+                if let Some(input) = input {
+                    self.check_format(&spec.name, "input activations", input.format)?;
+                }
                 if wq.scales.len() != out && wq.scales.len() != 1 {
                     return Err(err(format!(
                         "layer {}: {} weight scales for {out} output channels",
@@ -741,17 +747,14 @@ impl Backend for OnnxTracer {
                 for &s in &wq.scales {
                     Self::check_scale(&spec.name, "weight", s)?;
                 }
-                Self::check_scale(&spec.name, "activation", input.scale)?;
+                if let Some(input) = input {
+                    Self::check_scale(&spec.name, "activation", input.scale)?;
+                }
                 let per_channel = wq.scales.len() == out && out > 1;
                 // Codes [out, in] quantized per row, then laid out [in, out] for MatMul.
                 let mut codes = vec![0u8; w.len()];
                 for (o, (row, dst)) in w.chunks(inp).zip(codes.chunks_mut(inp)).enumerate() {
-                    let s = if wq.scales.len() == 1 {
-                        wq.scales[0]
-                    } else {
-                        wq.scales[o]
-                    };
-                    sd_fp8::quantize_slice(wq.format, row, s, dst);
+                    sd_fp8::quantize_slice(wq.format, row, wq.scale(o), dst);
                 }
                 let mut t = vec![0u8; codes.len()];
                 for o in 0..out {
@@ -760,7 +763,6 @@ impl Backend for OnnxTracer {
                     }
                 }
                 let we = fp8_elem(wq.format);
-                let ae = fp8_elem(input.format);
                 let mut st = self.st();
                 let wname =
                     st.g.initializer(&format!("{}.weight", spec.name), we, &[inp, out], t);
@@ -785,28 +787,27 @@ impl Backend for OnnxTracer {
                 };
                 let dq =
                     st.g.op("DequantizeLinear", &spec.name, &[&wname, &ws, &wz], &attrs);
-                let is = st.g.const_f(
-                    &format!("{}.input_scale", spec.name),
-                    c,
-                    &[input.scale],
-                    &[],
-                );
-                let iz = st.g.fp8_zero(ae, 0);
                 st.quantized.push(QuantizedLayer {
                     name: spec.name.clone(),
                     weight_format: wq.format,
                     per_channel,
-                    input_format: input.format,
+                    input_format: input.map(|i| i.format),
                 });
-                (
-                    dq,
-                    Some(InputQ {
+                let input_q = input.map(|input| {
+                    let is = st.g.const_f(
+                        &format!("{}.input_scale", spec.name),
+                        c,
+                        &[input.scale],
+                        &[],
+                    );
+                    InputQ {
                         format: input.format,
                         scale_bits: input.scale.to_bits(),
                         scale: is,
-                        zero: iz,
-                    }),
-                )
+                        zero: st.g.fp8_zero(fp8_elem(input.format), 0),
+                    }
+                });
+                (dq, input_q)
             }
         };
         let bias = match bias {

@@ -150,6 +150,8 @@ struct Job {
     fp8: bool,
     /// Run ONNX Runtime (false: checker and conventions only).
     run: bool,
+    /// Layers with FP8 weights and no input Q/DQ pair (the checker expects none).
+    weight_only: Vec<String>,
 }
 
 impl Job {
@@ -164,6 +166,12 @@ impl Job {
             tol,
             fp8: !m.quantized.is_empty(),
             run: true,
+            weight_only: m
+                .quantized
+                .iter()
+                .filter(|q| q.input_format.is_none())
+                .map(|q| q.name.clone())
+                .collect(),
         }
     }
     fn dir(&self) -> PathBuf {
@@ -196,6 +204,7 @@ impl Job {
             "expected": map(&self.expected),
             "tolerance": self.tol,
             "run": self.run,
+            "weight_only": self.weight_only,
         })
     }
 }
@@ -316,17 +325,20 @@ fn test_plan(
                 scale: 4.0 / 448.0,
             }
         };
-        plan.layers.insert(
-            name.clone(),
-            LinearQuant::Fp8 {
-                weight: WeightQuant {
-                    format: wformat,
-                    scales,
-                },
-                input,
-            },
-        );
+        let weight = WeightQuant {
+            format: wformat,
+            scales,
+        };
+        // Half the modulation layers weight-only (FP8 weights, unquantized input), as
+        // calibration makes adaLN by default.
+        let quant = if modulation && i % 2 == 0 {
+            LinearQuant::Fp8WeightOnly { weight }
+        } else {
+            LinearQuant::Fp8 { weight, input }
+        };
+        plan.layers.insert(name.clone(), quant);
     }
+    assert!(plan.fp8_weight_layer_count() > plan.fp8_layer_count());
     plan
 }
 
@@ -341,7 +353,18 @@ fn transformer_job(
     let cfg = &ckpt.transformer;
     let src = ckpt.weights(component::TRANSFORMER).unwrap();
     let m = sd_onnx::trace_transformer(cfg, &src, plan, o).unwrap();
-    assert_eq!(m.quantized.len(), plan.fp8_layer_count(), "{tag}");
+    assert_eq!(m.quantized.len(), plan.fp8_weight_layer_count(), "{tag}");
+    // Weight-only layers dequantize their weights and quantize no input.
+    let weight_only: Vec<_> = m
+        .quantized
+        .iter()
+        .filter(|q| q.input_format.is_none())
+        .collect();
+    assert_eq!(
+        weight_only.len(),
+        plan.fp8_weight_layer_count() - plan.fp8_layer_count(),
+        "{tag}"
+    );
     // The timestep is a graph input, not a host-computed constant.
     assert_eq!(m.host_constants, vec![], "{tag}");
     // The latent size is dynamic: run at a non-square size other than the traced one,
@@ -594,8 +617,14 @@ fn fp8_exports_match_cpu_fp8_simulation() {
         assert!(q["QuantizeLinear"].as_u64().unwrap() > 0, "{r}");
         assert!(q["fp8_weights"].as_u64().unwrap() > 0, "{r}");
         assert!(q["per_channel"].as_u64().unwrap() > 0, "{r}");
-        // Every FP8 weight sits in a quantized GEMM with its activation Q/DQ pair.
-        assert_eq!(q["quantized_matmuls"], q["fp8_weights"], "{r}");
+        // Every FP8 weight sits in a quantized GEMM with its activation Q/DQ pair, or
+        // in a weight-only layer's GEMM without one.
+        let count = |k: &str| q[k].as_u64().unwrap_or(0);
+        assert_eq!(
+            count("quantized_matmuls") + count("weight_only_matmuls"),
+            count("fp8_weights"),
+            "{r}"
+        );
     }
 }
 
@@ -770,9 +799,11 @@ fn export_checkpoint_is_atomic_and_refuses_bad_input() {
     let man: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("onnx_export.json")).unwrap())
             .unwrap();
+    let listed = man["models"][0]["fp8_layers"].as_array().unwrap();
+    assert_eq!(listed.len(), plan.fp8_weight_layer_count());
     assert_eq!(
-        man["models"][0]["fp8_layers"].as_array().unwrap().len(),
-        plan.fp8_layer_count()
+        listed.iter().filter(|l| l["input"].is_null()).count(),
+        plan.fp8_weight_layer_count() - plan.fp8_layer_count()
     );
     // An existing output is refused without force, replaced with it.
     let e = sd_onnx::export_checkpoint(&model, &plan, &o, &out, false).unwrap_err();

@@ -310,7 +310,7 @@ fn engine_description(
     device: String,
     limits: &Limits,
 ) -> ModelDescription {
-    let fp8_layers = m.layers.iter().filter(|l| l.precision == "fp8").count();
+    let fp8_layers = m.fp8_layer_count() + m.fp8_weight_only_layer_count();
     ModelDescription {
         target: m.target.to_string(),
         precision: format!(
