@@ -2,7 +2,10 @@
 //! FP32) of several FP8 plans on a tiny model, separating what the exclusions, the
 //! per-channel weight scales, the MSE thresholds and the adaLN decision each bring.
 //!
-//! cargo run --release -p sd-calibrate --example fidelity_study -- models/tiny-sd35m [size] [steps]
+//! cargo run --release -p sd-calibrate --example fidelity_study -- models/tiny-sd35m [size] [steps] [adaln]
+//!
+//! With `adaln` as the fourth argument only the three adaLN variants run (FP8, FP8
+//! weights only, high precision), with every other layer as calibrated.
 
 use sd_calibrate::fidelity::{EvalConfig, evaluate};
 use sd_calibrate::{CalibrationCache, CalibrationConfig, Method, PromptSet, Target, report};
@@ -52,12 +55,19 @@ fn main() {
     let t = std::time::Instant::now();
     let cal = sd_calibrate::calibrate(&cfg, &mut |_| {}).unwrap();
     eprintln!("calibration {:?}", t.elapsed());
-    let mut trt_cfg = cfg.clone();
-    trt_cfg.target = Target::Tensorrt;
-    let trt = sd_calibrate::calibrate(&trt_cfg, &mut |_| {}).unwrap();
-    let mut max_cfg = cfg.clone();
-    max_cfg.method = Method::Max;
-    let maxc = sd_calibrate::calibrate(&max_cfg, &mut |_| {}).unwrap();
+    let only_adaln = args.get(4).is_some_and(|a| a == "adaln");
+    // The other calibrations only feed variants the adaLN study leaves out.
+    let other = |f: &dyn Fn(&mut CalibrationConfig)| {
+        let mut c = cfg.clone();
+        f(&mut c);
+        if only_adaln {
+            cal.clone()
+        } else {
+            sd_calibrate::calibrate(&c, &mut |_| {}).unwrap()
+        }
+    };
+    let trt = other(&|c| c.target = Target::Tensorrt);
+    let maxc = other(&|c| c.method = Method::Max);
     print!("{}", report::terminal_table(&cal));
 
     let adaln = |n: &str| n.ends_with(".norm1.linear") || n.ends_with(".norm1_context.linear");
@@ -95,6 +105,11 @@ fn main() {
         ),
         ("naive (all, per-tensor max)".to_string(), cal.naive_plan()),
     ];
+    let variants: Vec<_> = variants
+        .into_iter()
+        .filter(|(name, _)| !only_adaln || name.starts_with("calibrated mse"))
+        .filter(|(name, _)| !only_adaln || !name.ends_with("tensorrt"))
+        .collect();
     let held = PromptSet::heldout();
     let ecfg = EvalConfig {
         prompts: held.prompts.clone(),
