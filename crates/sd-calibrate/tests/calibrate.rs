@@ -170,6 +170,26 @@ fn tensorrt_target_has_no_e5m2_and_tampered_caches_are_refused() {
     };
     let e = e.to_string();
     assert!(e.contains("not allowed for target tensorrt"), "{e}");
+    // weight_only on a layer the cache keeps in high precision is refused.
+    let mut edited = c.clone();
+    let l = edited.layers.iter_mut().find(|l| !l.quantized).unwrap();
+    l.weight_only = true;
+    let name = l.name.clone();
+    let Err(e) = CalibrationCache::from_yaml("edited.yaml", &edited.to_yaml().unwrap()) else {
+        panic!("weight_only on an unquantized layer was accepted")
+    };
+    let e = e.to_string();
+    assert!(e.contains(&name) && e.contains("not quantized"), "{e}");
+    // A cache written before weight-only layers (no such fields) reads as before.
+    let old_yaml: String = c
+        .to_yaml()
+        .unwrap()
+        .lines()
+        .filter(|l| !l.contains("weight_only"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let old = CalibrationCache::from_yaml("old.yaml", &old_yaml).unwrap();
+    assert!(old.layers.iter().all(|l| !l.weight_only));
     // Wrong version.
     let y = c
         .to_yaml()
