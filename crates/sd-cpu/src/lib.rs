@@ -71,20 +71,9 @@ pub fn fp8_weight(
     weight: &[f32],
     q: &sd_model::plan::WeightQuant,
 ) -> Result<Vec<f32>> {
-    let (out, inp) = (spec.out_features, spec.in_features);
-    if q.scales.len() != out && q.scales.len() != 1 {
-        return Err(ModelError::backend(format!(
-            "layer {}: {} weight scales for {out} output channels",
-            spec.name,
-            q.scales.len()
-        )));
-    }
-    if let Some(bad) = q.scales.iter().find(|s| !(s.is_finite() && **s > 0.0)) {
-        return Err(ModelError::backend(format!(
-            "layer {}: weight scale {bad} is not positive and finite",
-            spec.name
-        )));
-    }
+    q.check(&spec.name, spec.out_features)
+        .map_err(ModelError::backend)?;
+    let inp = spec.in_features;
     let mut w = weight.to_vec();
     q.fake_quantize(&mut w, inp);
     Ok(w)

@@ -1166,19 +1166,7 @@ impl Inner {
                     wq.format.name()
                 )));
             }
-            if wq.scales.len() != out && wq.scales.len() != 1 {
-                return Err(bad(format!(
-                    "layer {}: {} weight scales for {out} output channels",
-                    spec.name,
-                    wq.scales.len()
-                )));
-            }
-            if let Some(s) = wq.scales.iter().find(|s| !(s.is_finite() && **s > 0.0)) {
-                return Err(bad(format!(
-                    "layer {}: weight scale {s} is not positive and finite",
-                    spec.name
-                )));
-            }
+            wq.check(&spec.name, out).map_err(bad)?;
             wq.fake_quantize(&mut w, inp);
         }
         let kind = match &spec.quant {

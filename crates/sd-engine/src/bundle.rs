@@ -438,12 +438,7 @@ impl WeightSource for BundleWeights {
             let shape = t.shape.clone();
             let mut vals = vec![0f32; codes.len()];
             for (o, (src, dst)) in codes.chunks(cols).zip(vals.chunks_mut(cols)).enumerate() {
-                let s = if weight.scales.len() == 1 {
-                    weight.scales[0]
-                } else {
-                    weight.scales[o]
-                };
-                sd_fp8::dequantize_slice(weight.format, src, s, dst);
+                sd_fp8::dequantize_slice(weight.format, src, weight.scale(o), dst);
             }
             let bytes: Vec<u8> = vals.iter().flat_map(|v| v.to_le_bytes()).collect();
             return Ok(WeightTensor {

@@ -677,12 +677,7 @@ fn write_component(
                 let inp = w.len() / out.max(1);
                 let mut codes = vec![0u8; w.len()];
                 for (o, (row, dst)) in w.chunks(inp).zip(codes.chunks_mut(inp)).enumerate() {
-                    let s = if weight.scales.len() == 1 {
-                        weight.scales[0]
-                    } else {
-                        weight.scales[o]
-                    };
-                    sd_fp8::quantize_slice(weight.format, row, s, dst);
+                    sd_fp8::quantize_slice(weight.format, row, weight.scale(o), dst);
                 }
                 // Both layouts store [out, in] row-major (see `Fp8Layout`).
                 codes

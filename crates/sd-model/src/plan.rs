@@ -24,6 +24,23 @@ impl WeightQuant {
         }
     }
 
+    /// Checks the scales of `layer`'s `[out, in]` weight: one per output channel or one
+    /// for the tensor, each positive and finite. The message names the layer.
+    pub fn check(&self, layer: &str, out: usize) -> Result<(), String> {
+        if self.scales.len() != out && self.scales.len() != 1 {
+            return Err(format!(
+                "layer {layer}: {} weight scales for {out} output channels",
+                self.scales.len()
+            ));
+        }
+        if let Some(bad) = self.scales.iter().find(|s| !(s.is_finite() && **s > 0.0)) {
+            return Err(format!(
+                "layer {layer}: weight scale {bad} is not positive and finite"
+            ));
+        }
+        Ok(())
+    }
+
     /// Replaces `weight` (`[out, in]` row-major, `in_features` per row) by the values
     /// its FP8 codes stand for (`code * scale`). The caller checks the scale count.
     pub fn fake_quantize(&self, weight: &mut [f32], in_features: usize) {
