@@ -20,9 +20,11 @@
 #            medium-nofuse / large-nofuse: the engine with SD_CUDA_FUSED_EPILOGUE=0 (linear
 #                                  layers through the epilogue kernel instead of
 #                                  cuBLASLt's epilogue), to attribute that change
-#            medium-perchannel / large-perchannel: FP8 with per-output-channel weight scales
-#                                  (the default plan has one scale per tensor)
+#            medium-pertensor / large-pertensor: FP8 with one weight scale per tensor
+#                                  (the default plan, like calibration's, has one per
+#                                  output channel and the adaLN layers weight-only FP8)
 #            medium-fp8adaln / large-fp8adaln: FP8 with the adaLN modulation layers in FP8
+#                                  (weights and input: `--adaln fp8`)
 #            pipeline:             sd-cuda whole SD3.5-medium pipeline: text encoders and
 #                                  a full 28-step image
 #            peer-medium / peer-large: ../shared/peer/sd35_peer.py for that model
@@ -92,17 +94,17 @@ if [[ "${1:-}" == "--device" ]]; then
                        --no-vae --no-attention --no-exact --no-pipeline \
                        --label "linear epilogue kernel (SD_CUDA_FUSED_EPILOGUE=0)";
                    echo "bench exit $?"; cp /tmp/b-$stage/bench.json "$W/bench-variant-$m.json" ;;
-            medium-perchannel|large-perchannel)
-                   m=${stage%-perchannel}
+            medium-pertensor|large-pertensor)
+                   m=${stage%-pertensor}
                    $TO "$BIN/bench" /tmp/b-$stage --models sd3.5-$m --iters "$ITERS" --precisions fp8 \
-                       --no-vae --no-attention --no-exact --no-pipeline --per-channel \
-                       --label "per-channel FP8 weight scales (as calibration makes them)";
+                       --no-vae --no-attention --no-exact --no-pipeline --per-tensor \
+                       --label "one FP8 weight scale per tensor";
                    echo "bench exit $?"; cp /tmp/b-$stage/bench.json "$W/bench-variant2-$m.json" ;;
             medium-fp8adaln|large-fp8adaln)
                    m=${stage%-fp8adaln}
                    $TO "$BIN/bench" /tmp/b-$stage --models sd3.5-$m --iters "$ITERS" --precisions fp8 \
-                       --no-vae --no-attention --no-exact --no-pipeline --fp8-adaln \
-                       --label "adaLN modulation layers in FP8 too";
+                       --no-vae --no-attention --no-exact --no-pipeline --adaln fp8 \
+                       --label "adaLN modulation layers in FP8 (weights and input)";
                    echo "bench exit $?"; cp /tmp/b-$stage/bench.json "$W/bench-variant3-$m.json" ;;
             pipeline) $TO "$BIN/bench" /tmp/b-pipe --models "" --iters "$ITERS" --no-vae \
                         --no-attention --tokenizers models/tiny-sd35m;
@@ -132,7 +134,7 @@ if [[ "${1:-}" == "--device" ]]; then
                    else echo "SD_GPU_TEST_CALIBRATION not set"; fi ;;
             tests-flash)
                    # The other flash-attention tilings against the CPU too (attention lines).
-                   for fv in 0 2; do
+                   for fv in 0 1 2 3 5; do
                        SD_CUDA_FLASH_VARIANT=$fv $TO "$BIN/gpu_tests" models/tiny-sd35m /tmp/gt$fv >/dev/null 2>&1;
                        grep -E "attention" /tmp/gt$fv/gpu_tests.txt | sed "s/^/flash variant $fv: /" | cut -c1-170;
                    done ;;

@@ -6,7 +6,7 @@
 //! bench OUT_DIR [--models sd3.5-medium,sd3.5-large] [--precisions fp8,bf16]
 //!               [--iters 12] [--warmup 3] [--no-vae] [--no-exact] [--no-attention]
 //!               [--no-pipeline] [--tokenizers models/tiny-sd35m] [--label TEXT]
-//!               [--per-channel] [--fp8-adaln] [--tune-gemms]
+//!               [--per-tensor] [--adaln fp8-weights|fp8|high] [--tune-gemms]
 //! ```
 //!
 //! Timing: CUDA events recorded on the backend's stream before and after one whole
@@ -169,21 +169,48 @@ fn config(name: &str) -> R<TransformerConfig> {
 
 /// Layers kept out of FP8 (the calibration defaults): embedders, the output norm and
 /// projection, and (unless `adaln`) the adaLN modulation layers.
-fn excluded(layer: &str, adaln: bool) -> bool {
+fn is_adaln(layer: &str) -> bool {
+    layer.ends_with(".norm1.linear") || layer.ends_with(".norm1_context.linear")
+}
+
+/// Layers the plan leaves in BF16 (as calibration does): the embedders and the final
+/// norm and projection; the adaLN modulation layers too with `--adaln high`.
+fn excluded(layer: &str, adaln: Adaln) -> bool {
     layer.starts_with("pos_embed.")
         || layer.starts_with("time_text_embed.")
         || layer == "context_embedder"
         || layer == "norm_out.linear"
         || layer == "proj_out"
-        || (!adaln
-            && (layer.ends_with(".norm1.linear") || layer.ends_with(".norm1_context.linear")))
+        || (adaln == Adaln::High && is_adaln(layer))
 }
 
-/// Every other linear layer in FP8: E4M3 weights with the scale of their init range
-/// (amax 1/sqrt(fan_in)), E4M3 inputs with a static scale (amax 16). `per_channel`: one
-/// weight scale per output channel instead (what calibration produces), 0.95-1.0 x the
-/// init range, so that they differ from channel to channel.
-fn fp8_plan(cfg: &TransformerConfig, per_channel: bool, adaln: bool) -> PrecisionPlan {
+/// How the adaLN modulation layers run (`sd-build calibrate --adaln`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Adaln {
+    /// FP8 E4M3 weights, BF16 input (W8A16): calibration's default.
+    Fp8Weights,
+    /// FP8 weights and input, like every other linear.
+    Fp8,
+    /// BF16.
+    High,
+}
+
+impl Adaln {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Fp8Weights => "fp8-weights",
+            Self::Fp8 => "fp8",
+            Self::High => "high",
+        }
+    }
+}
+
+/// Every other linear layer in FP8, as a calibration cache would have it (but with
+/// fixed scales): E4M3 weights with one scale per output channel, 0.95-1.0 x the init
+/// range (amax 1/sqrt(fan_in)), so that they differ from channel to channel (one scale
+/// per tensor with `per_tensor`); E4M3 inputs with a static scale (amax 16); the adaLN
+/// modulation layers as `adaln` says.
+fn fp8_plan(cfg: &TransformerConfig, per_tensor: bool, adaln: Adaln) -> PrecisionPlan {
     let d = cfg.inner_dim();
     let mut plan = PrecisionPlan::default();
     for l in Mmdit::<CudaBackend>::linear_layer_names(cfg) {
@@ -219,26 +246,29 @@ fn fp8_plan(cfg: &TransformerConfig, per_channel: bool, adaln: bool) -> Precisio
             d
         };
         let amax = 1.0 / (fan_in as f32).sqrt();
-        let scales = if per_channel {
+        let scales = if per_tensor {
+            vec![amax / 448.0]
+        } else {
             (0..out)
                 .map(|c| amax * (1.0 - 0.05 * (c % 11) as f32 / 10.0) / 448.0)
                 .collect()
-        } else {
-            vec![amax / 448.0]
         };
-        plan.layers.insert(
-            l,
+        let weight = WeightQuant {
+            format: Fp8Format::E4M3,
+            scales,
+        };
+        let quant = if adaln == Adaln::Fp8Weights && is_adaln(&l) {
+            LinearQuant::Fp8WeightOnly { weight }
+        } else {
             LinearQuant::Fp8 {
-                weight: WeightQuant {
-                    format: Fp8Format::E4M3,
-                    scales,
-                },
+                weight,
                 input: ActivationQuant {
                     format: Fp8Format::E4M3,
                     scale: 16.0 / 448.0,
                 },
-            },
-        );
+            }
+        };
+        plan.layers.insert(l, quant);
     }
     plan
 }
@@ -304,10 +334,10 @@ struct Opts {
     exact: bool,
     /// What distinguishes this run's engine (recorded as "variant").
     label: Option<String>,
-    /// FP8 weight scales per output channel instead of per tensor.
-    per_channel: bool,
-    /// The adaLN modulation layers in FP8 too (Model Optimizer quantizes them).
-    fp8_adaln: bool,
+    /// One FP8 weight scale per tensor instead of per output channel.
+    per_tensor: bool,
+    /// How the adaLN modulation layers run.
+    adaln: Adaln,
     /// Choose GEMM algorithms by timing during the first warm-up step (what `sd-build
     /// compile --target cuda` stores in a bundle) instead of cuBLASLt's heuristic.
     tune_gemms: bool,
@@ -336,7 +366,7 @@ fn bench_transformer(
         p => return Err(format!("precision {p}?").into()),
     };
     let plan = if prec == CudaPrecision::Fp8 {
-        fp8_plan(&cfg, o.per_channel, o.fp8_adaln)
+        fp8_plan(&cfg, o.per_tensor, o.adaln)
     } else {
         PrecisionPlan::default()
     };
@@ -415,13 +445,15 @@ fn bench_transformer(
         "param_gib": (gib(after_load.param_bytes) * 1000.0).round() / 1000.0,
         "weights_resident_gib": (gib(after_load.used) * 1000.0).round() / 1000.0,
         "fp8_layers": plan.fp8_layer_count(),
-        "fp8_weight_scales": if o.per_channel { "per output channel" } else { "per tensor" },
+        "fp8_weight_scales": if o.per_tensor { "per tensor" } else { "per output channel" },
+        "adaln": o.adaln.name(),
+        "fp8_weight_only_layers": plan.fp8_weight_layer_count() - plan.fp8_layer_count(),
         "load_s": (load_s * 10.0).round() / 10.0,
         "warmup_s": (warm_s * 10.0).round() / 10.0,
         "profiled_step_ms": (prof_ms * 10.0).round() / 10.0,
         "profile": prof,
         "gpu": b.gpu_name(),
-        "attention": format!("flash (mma.sync bf16, head dim 64): {}", flash_variant().name()),
+        "attention": format!("flash (bf16, head dim 64): {}", flash_variant().name()),
         "linear_epilogue": b.fused_epilogue()?,
         "gemm_algorithms": gemm_algorithms,
     });
@@ -524,6 +556,45 @@ fn bench_attention(bench: &mut Bench, o: &Opts) -> R<()> {
         rec["exact_tflops"] = json!((flops / exact_ms / 1e9 * 10.0).round() / 10.0);
         rec["flash_vs_exact"] = json!({"max_rel": rel_max, "rms_rel": rel_rms});
     }
+    // The joint attention as the model calls it, each stream in its own tensor: in place
+    // (two-segment kernel, Hopper) against concat + attention + narrow.
+    let s_img = 4096;
+    let split = |t: &sd_cuda::CudaTensor| -> R<_> {
+        Ok((b.narrow(t, 1, 0, s_img)?, b.narrow(t, 1, s_img, s - s_img)?))
+    };
+    let ((qi, qc), (ki, kc), (vi, vc)) = (split(&q)?, split(&k)?, split(&v)?);
+    let time_joint = |by_concat: bool, n: usize| -> R<(f64, HostTensor)> {
+        let mut ts = Vec::new();
+        let mut last = None;
+        for _ in 0..n {
+            let t = Instant::now();
+            let y = if by_concat {
+                sd_model::backend::joint_attention_by_concat(
+                    &b,
+                    [&qi, &ki, &vi],
+                    [&qc, &kc, &vc],
+                    p,
+                )?
+            } else {
+                b.joint_attention([&qi, &ki, &vi], [&qc, &kc, &vc], p)?
+            };
+            b.synchronize()?;
+            ts.push(t.elapsed().as_secs_f64() * 1e3);
+            last = Some(y);
+        }
+        let (yi, yc) = last.ok_or("no run")?;
+        let y = b.download(&b.concat(&[&yi, &yc], 1)?)?;
+        Ok((median(&mut ts), y))
+    };
+    let _ = time_joint(false, 2)?;
+    let (joint_ms, yj) = time_joint(false, o.iters.max(10))?;
+    let (concat_ms, yc) = time_joint(true, o.iters.max(10))?;
+    let same = yj.data == yc.data;
+    rec["joint"] = json!({
+        "in_place_ms": (joint_ms * 1000.0).round() / 1000.0,
+        "concat_attention_narrow_ms": (concat_ms * 1000.0).round() / 1000.0,
+        "identical_outputs": same,
+    });
     bench.push("attention", rec);
     Ok(())
 }
@@ -634,7 +705,7 @@ fn bench_pipeline(bench: &mut Bench, o: &Opts, tokenizers: &std::path::Path) -> 
             ..SchedulerConfig::default()
         },
     };
-    let plan = fp8_plan(&configs.transformer, o.per_channel, o.fp8_adaln);
+    let plan = fp8_plan(&configs.transformer, o.per_tensor, o.adaln);
     let toks = Tokenizers::load(tokenizers, true)?;
     let b = CudaBackend::new(0, CudaPrecision::Fp8)?;
     let t0 = Instant::now();
@@ -738,8 +809,8 @@ fn main() -> R<()> {
         warmup: 3,
         exact: true,
         label: None,
-        per_channel: false,
-        fp8_adaln: false,
+        per_tensor: false,
+        adaln: Adaln::Fp8Weights,
         tune_gemms: false,
     };
     let mut vae = true;
@@ -764,8 +835,19 @@ fn main() -> R<()> {
             "--no-exact" => o.exact = false,
             "--no-pipeline" => pipeline = false,
             "--label" => o.label = Some(val()?),
-            "--per-channel" => o.per_channel = true,
-            "--fp8-adaln" => o.fp8_adaln = true,
+            "--per-tensor" => o.per_tensor = true,
+            "--adaln" => {
+                o.adaln = match val()?.as_str() {
+                    "fp8-weights" => Adaln::Fp8Weights,
+                    "fp8" => Adaln::Fp8,
+                    "high" => Adaln::High,
+                    other => {
+                        return Err(
+                            format!("--adaln {other}: expected fp8-weights, fp8 or high").into(),
+                        );
+                    }
+                }
+            }
             "--tune-gemms" => o.tune_gemms = true,
             "--tokenizers" => tokenizers = PathBuf::from(val()?),
             other => return Err(format!("unknown option {other}").into()),

@@ -135,6 +135,41 @@ fn suite<B: Backend>(b: &B, fp8: bool) -> R<Vec<(String, HostTensor)>> {
         }
     }
 
+    // Weight-only FP8 (W8A16, adaLN's default): per-channel E4M3 weights, BF16 input.
+    // 2 and 5 rows run the GEMV (5: a partial group of 4 rows), 40 the dequantize + BF16
+    // GEMM path; 1000 outputs leave a partial block of warps.
+    if fp8 {
+        let (inp, outf) = (256usize, 1000usize);
+        let w = rng.tensor(&[outf, inp], 0.05);
+        let scales: Vec<f32> = w
+            .data
+            .chunks(inp)
+            .map(|r| r.iter().fold(0f32, |m, v| m.max(v.abs())) / 448.0)
+            .collect();
+        let bias = rng.tensor(&[outf], 0.1);
+        let wt = WeightTensor::from_host("w", &w);
+        let bt = WeightTensor::from_host("b", &bias);
+        let spec = LinearSpec {
+            name: "w8a16".into(),
+            in_features: inp,
+            out_features: outf,
+            quant: LinearQuant::Fp8WeightOnly {
+                weight: WeightQuant {
+                    format: Fp8Format::E4M3,
+                    scales,
+                },
+            },
+        };
+        let l = b.load_linear(&spec, &wt, Some(&bt))?;
+        for rows in [2usize, 5, 40] {
+            let x = up(&rng.tensor(&[rows, inp], 1.0))?;
+            out.push((
+                format!("linear fp8 weight-only (w8a16) {rows}x{inp}->{outf}"),
+                b.download(&b.linear(&x, &l)?)?,
+            ));
+        }
+    }
+
     // Norms + adaLN.
     let x = rng.tensor(&[2, 77, 320], 2.0);
     let xt = up(&x)?;
@@ -298,6 +333,39 @@ fn suite<B: Backend>(b: &B, fp8: bool) -> R<Vec<(String, HostTensor)>> {
     out.push((
         "attention joint 4096+333 h2 d64".into(),
         att(1, 4429, 4429, 2, 64, false, false, &mut rng)?,
+    ));
+    // MMDiT's joint attention with each stream in its own tensor (on Hopper the
+    // two-segment flash kernel reads and writes them in place; elsewhere, and on the
+    // CPU, concat + attention + narrow). Odd lengths: partial tiles in both segments.
+    let (si, sc, heads) = (1000usize, 77usize, 3usize);
+    let streams = |s: usize, rng: &mut Rng| -> R<[<B as Backend>::Tensor; 3]> {
+        Ok([
+            up(&rng.tensor(&[2, s, heads * 64], 1.0))?,
+            up(&rng.tensor(&[2, s, heads * 64], 1.0))?,
+            up(&rng.tensor(&[2, s, heads * 64], 1.0))?,
+        ])
+    };
+    let img_qkv = streams(si, &mut rng)?;
+    let ctx_qkv = streams(sc, &mut rng)?;
+    let [qi, ki, vi] = &img_qkv;
+    let [qc, kc, vc] = &ctx_qkv;
+    let (oi, oc) = b.joint_attention(
+        [qi, ki, vi],
+        [qc, kc, vc],
+        AttentionParams {
+            heads,
+            scale: 0.125,
+            causal: false,
+            bias: None,
+        },
+    )?;
+    out.push((
+        format!("joint attention 2x({si}+{sc}) h{heads} d64: image rows"),
+        b.download(&oi)?,
+    ));
+    out.push((
+        format!("joint attention 2x({si}+{sc}) h{heads} d64: context rows"),
+        b.download(&oc)?,
     ));
     Ok(out)
 }

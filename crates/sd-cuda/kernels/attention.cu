@@ -2,7 +2,8 @@
 // softmax in the CPU backend's order (max, f64 sum, normalized weights times V), the
 // output accumulated in f32 registers (PL values per lane, head dim <= 32 * PL).
 // q [B, Sq, H*D], k/v [B, Sk, H*D], bias [H, Sq, Sk], all in storage type (sd_ld).
-// The fast (flash) kernel is a later issue; this one is the reference on the GPU.
+// The reference on the GPU, and the path for masks and biases (CLIP, T5); the flash
+// kernels below take head dim 64 without either.
 #include <cuda_bf16.h>
 
 // q . k of one key, summed over the warp, scaled, plus the bias.
@@ -359,6 +360,317 @@ extern "C" __global__ void __launch_bounds__(128) flash_attn_d64_w4m2(
     int heads, float scale) {
     flash_impl<4, 2>(q, k, v, out, sq, sk, heads, scale);
 }
+
+// ---- Flash attention on Hopper's warpgroup MMA (wgmma), head dim 64 ------------------
+// sm_90a only (the kernels below are empty elsewhere; the host never launches them
+// there). A block of NWG warpgroups takes NWG * 64 queries of one (entry, head): each
+// warpgroup's 64 rows are one wgmma M tile, its Q fragments live in registers (the
+// wgmma A-register layout is mma.m16n8k16's, warp w holding rows 16w..16w+15), and so
+// does P (the S accumulators, converted to BF16, are the next MMA's A fragments). Keys
+// and values come through shared memory BN rows at a time, double-buffered with
+// cp.async (the next tile loads while this one is computed), stored as they are in
+// memory ([key][d], 128 bytes a row) in the 128-byte swizzle the wgmma descriptors name:
+// 16-byte chunk c of row r sits at chunk c ^ (r % 8), every tile 1024-byte aligned.
+// S = Q K^T reads K as a K-major B operand; O += P V reads V as an MN-major one
+// (transposed B), so nothing is transposed by hand.
+//
+// Sequences may come in two segments (MMDiT's joint attention: image tokens, then
+// context tokens, each stream in its own tensor): query row r < sq1 is row r of q1,
+// later rows are rows of q2; keys likewise with sk1; each output row goes to o1 or o2
+// the same way. Plain attention is sq2 = sk2 = 0.
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define SD_HAVE_WGMMA 1
+#endif
+
+#ifdef SD_HAVE_WGMMA
+__device__ __forceinline__ void wg_mma_n128(float (&d)[64], const unsigned (&a)[4],
+                                        unsigned long long desc, int accumulate) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+        "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+        "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
+        "{%64, %65, %66, %67}, %68, p, 1, 1, 0;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+          "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+          "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+          "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+          "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(accumulate));
+}
+
+__device__ __forceinline__ void wg_mma_n64(float (&d)[32], const unsigned (&a)[4],
+                                        unsigned long long desc, int accumulate) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
+        "{%32, %33, %34, %35}, %36, p, 1, 1, 0;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(accumulate));
+}
+
+__device__ __forceinline__ void wg_mma_n64_tb(float (&d)[32], const unsigned (&a)[4],
+                                        unsigned long long desc, int accumulate) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
+        "{%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(accumulate));
+}
+
+
+__device__ __forceinline__ void wg_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wg_commit() {
+    asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+}
+__device__ __forceinline__ void wg_wait0() {
+    asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+}
+// The compiler does not know that wgmma writes its accumulators (and reads its A
+// registers) asynchronously, until the wait: these empty statements, placed after the
+// wait, make every later use of a register depend on that point.
+template <int N>
+__device__ __forceinline__ void wg_hold(float (&r)[N]) {
+#pragma unroll
+    for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i])::"memory");
+}
+template <int N>
+__device__ __forceinline__ void wg_hold(unsigned (&r)[N][4]) {
+#pragma unroll
+    for (int i = 0; i < N; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) asm volatile("" : "+r"(r[i][j])::"memory");
+}
+
+// Shared-memory matrix descriptor, 128-byte swizzle: start address, leading and stride
+// byte offsets (both 1024: the stride between 8-row groups; the other one has no use at
+// these shapes, whichever of the two the hardware takes it to be), layout type 1.
+__device__ __forceinline__ unsigned long long wg_desc(unsigned saddr) {
+    return (unsigned long long)((saddr & 0x3FFFFu) >> 4) | (64ull << 16) | (64ull << 32) |
+           (1ull << 62);
+}
+
+__device__ __forceinline__ void cp_async16(unsigned dst, const void* src, int bytes) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
+                 "r"(bytes)
+                 : "memory");
+}
+
+template <int NWG, int BN>
+__device__ __forceinline__ void flash_wg_impl(
+    const __nv_bfloat16* __restrict__ q1, const __nv_bfloat16* __restrict__ k1,
+    const __nv_bfloat16* __restrict__ v1, __nv_bfloat16* __restrict__ o1, int sq1, int sk1,
+    const __nv_bfloat16* __restrict__ q2, const __nv_bfloat16* __restrict__ k2,
+    const __nv_bfloat16* __restrict__ v2, __nv_bfloat16* __restrict__ o2, int sq2, int sk2,
+    int heads, float scale) {
+    constexpr int NT = NWG * 128;
+    constexpr int TILE = BN * 128;  // bytes of one K (or V) tile
+    constexpr int NS = BN / 2;      // S accumulators per thread
+    extern __shared__ unsigned char fa_smem[];
+    const unsigned base = ((unsigned)__cvta_generic_to_shared(fa_smem) + 1023u) & ~1023u;
+    const int tid = threadIdx.x, wg = tid >> 7, warp = (tid >> 5) & 3, lane = tid & 31;
+    const int g = lane >> 2, t = lane & 3;
+    const int h = blockIdx.y, bi = blockIdx.z;
+    const unsigned long long c = (unsigned long long)heads * FA_D;
+    const int sq = sq1 + sq2, sk = sk1 + sk2;
+    const unsigned long long hd = (unsigned long long)h * FA_D;
+    const __nv_bfloat16* qb1 = q1 + (unsigned long long)bi * sq1 * c + hd;
+    const __nv_bfloat16* qb2 = q2 + (unsigned long long)bi * sq2 * c + hd;
+    const __nv_bfloat16* kb1 = k1 + (unsigned long long)bi * sk1 * c + hd;
+    const __nv_bfloat16* kb2 = k2 + (unsigned long long)bi * sk2 * c + hd;
+    const __nv_bfloat16* vb1 = v1 + (unsigned long long)bi * sk1 * c + hd;
+    const __nv_bfloat16* vb2 = v2 + (unsigned long long)bi * sk2 * c + hd;
+    const int q0 = blockIdx.x * (NWG * 64) + wg * 64 + warp * 16;
+
+    unsigned qa[4][4];
+    {
+        const int rA = q0 + g, rB = rA + 8;
+        const __nv_bfloat16* pA =
+            rA < sq1 ? qb1 + (unsigned long long)rA * c : qb2 + (unsigned long long)(rA - sq1) * c;
+        const __nv_bfloat16* pB =
+            rB < sq1 ? qb1 + (unsigned long long)rB * c : qb2 + (unsigned long long)(rB - sq1) * c;
+#pragma unroll
+        for (int ks_ = 0; ks_ < 4; ++ks_) {
+            const int d0 = ks_ * 16 + 2 * t;
+            qa[ks_][0] = rA < sq ? *reinterpret_cast<const unsigned*>(pA + d0) : 0u;
+            qa[ks_][1] = rB < sq ? *reinterpret_cast<const unsigned*>(pB + d0) : 0u;
+            qa[ks_][2] = rA < sq ? *reinterpret_cast<const unsigned*>(pA + d0 + 8) : 0u;
+            qa[ks_][3] = rB < sq ? *reinterpret_cast<const unsigned*>(pB + d0 + 8) : 0u;
+        }
+    }
+
+    // Tile j of K and V into buffer j % 2 (rows past the keys are zero-filled).
+    auto load_tile = [&](int k0, int buf) {
+        const unsigned kt = base + buf * 2 * TILE, vt = kt + TILE;
+#pragma unroll
+        for (int i0 = 0; i0 < BN * 8; i0 += NT) {
+            const int i = i0 + tid;
+            if (BN * 8 % NT != 0 && i >= BN * 8) break;
+            const int row = i >> 3, ch = i & 7;
+            const int gr = k0 + row;
+            const bool ok = gr < sk;
+            const unsigned long long off =
+                (gr < sk1 ? (unsigned long long)gr : (unsigned long long)(gr - sk1)) * c + ch * 8;
+            const __nv_bfloat16* ks_ = ok ? (gr < sk1 ? kb1 : kb2) + off : kb1;
+            const __nv_bfloat16* vs_ = ok ? (gr < sk1 ? vb1 : vb2) + off : vb1;
+            const unsigned dst = row * 128 + ((ch ^ (row & 7)) << 4);
+            cp_async16(kt + dst, ks_, ok ? 16 : 0);
+            cp_async16(vt + dst, vs_, ok ? 16 : 0);
+        }
+        asm volatile("cp.async.commit_group;\n" ::: "memory");
+    };
+
+    float s[NS], o[32];
+#pragma unroll
+    for (int i = 0; i < NS; ++i) s[i] = 0.f;
+#pragma unroll
+    for (int i = 0; i < 32; ++i) o[i] = 0.f;
+    const float NEG_INF = -__int_as_float(0x7f800000);
+    float mA = NEG_INF, mB = NEG_INF, lA = 0.f, lB = 0.f;
+    const float sl2 = scale * 1.4426950408889634f;
+    const int ntiles = (sk + BN - 1) / BN;
+    load_tile(0, 0);
+    for (int j = 0; j < ntiles; ++j) {
+        asm volatile("cp.async.wait_group 0;\n" ::: "memory");
+        // cp.async writes through the generic proxy; wgmma reads through the async one.
+        asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+        __syncthreads();
+        // Every warp is past tile j - 1 (its MMAs were waited for): its buffer is free.
+        if (j + 1 < ntiles) load_tile((j + 1) * BN, (j + 1) & 1);
+        const unsigned kt = base + (j & 1) * 2 * TILE, vt = kt + TILE;
+
+        // S = Q K^T over d in 4 k-steps of 16 (32 bytes along the swizzled rows).
+        wg_fence();
+#pragma unroll
+        for (int ks_ = 0; ks_ < 4; ++ks_) {
+            if constexpr (BN == 128) {
+                wg_mma_n128(s, qa[ks_], wg_desc(kt + ks_ * 32), ks_ > 0);
+            } else {
+                wg_mma_n64(s, qa[ks_], wg_desc(kt + ks_ * 32), ks_ > 0);
+            }
+        }
+        wg_commit();
+        wg_wait0();
+        wg_hold(s);
+
+        // Online softmax (base 2): this thread's rows are g (s[4i], s[4i+1]) and g + 8
+        // (s[4i+2], s[4i+3]), keys 8i + 2t and 8i + 2t + 1.
+        const int k0 = j * BN;
+        if (k0 + BN > sk) {
+#pragma unroll
+            for (int i = 0; i < NS / 4; ++i) {
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                    if (k0 + 8 * i + 2 * t + e >= sk) s[4 * i + e] = s[4 * i + 2 + e] = NEG_INF;
+                }
+            }
+        }
+        float mxA = NEG_INF, mxB = NEG_INF;
+#pragma unroll
+        for (int i = 0; i < NS / 4; ++i) {
+            mxA = fmaxf(mxA, fmaxf(s[4 * i], s[4 * i + 1]));
+            mxB = fmaxf(mxB, fmaxf(s[4 * i + 2], s[4 * i + 3]));
+        }
+        mxA = fmaxf(mxA, __shfl_xor_sync(0xffffffffu, mxA, 1));
+        mxA = fmaxf(mxA, __shfl_xor_sync(0xffffffffu, mxA, 2));
+        mxB = fmaxf(mxB, __shfl_xor_sync(0xffffffffu, mxB, 1));
+        mxB = fmaxf(mxB, __shfl_xor_sync(0xffffffffu, mxB, 2));
+        const float nmA = fmaxf(mA, mxA * sl2), nmB = fmaxf(mB, mxB * sl2);
+        const float alA = fa_exp2(mA - nmA), alB = fa_exp2(mB - nmB);
+        mA = nmA;
+        mB = nmB;
+        float sumA = 0.f, sumB = 0.f;
+        unsigned pa[BN / 16][4];
+#pragma unroll
+        for (int i = 0; i < NS / 4; ++i) {
+            const float p0 = fa_exp2(fmaf(s[4 * i], sl2, -nmA));
+            const float p1 = fa_exp2(fmaf(s[4 * i + 1], sl2, -nmA));
+            const float p2 = fa_exp2(fmaf(s[4 * i + 2], sl2, -nmB));
+            const float p3 = fa_exp2(fmaf(s[4 * i + 3], sl2, -nmB));
+            sumA += p0 + p1;
+            sumB += p2 + p3;
+            // Key chunk i is half (i % 2) of k-step i / 2: a0/a1 for keys 0..7, a2/a3 for 8..15.
+            pa[i / 2][(i & 1) * 2 + 0] = fa_pack(p0, p1);
+            pa[i / 2][(i & 1) * 2 + 1] = fa_pack(p2, p3);
+        }
+        lA = lA * alA + sumA;
+        lB = lB * alB + sumB;
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+            o[4 * i] *= alA;
+            o[4 * i + 1] *= alA;
+            o[4 * i + 2] *= alB;
+            o[4 * i + 3] *= alB;
+        }
+
+        // O += P V over the keys in k-steps of 16 (16 rows = 2048 bytes).
+        wg_fence();
+#pragma unroll
+        for (int kk = 0; kk < BN / 16; ++kk) wg_mma_n64_tb(o, pa[kk], wg_desc(vt + kk * 2048), 1);
+        wg_commit();
+        wg_wait0();
+        wg_hold(o);
+        wg_hold(pa);
+    }
+
+    lA += __shfl_xor_sync(0xffffffffu, lA, 1);
+    lA += __shfl_xor_sync(0xffffffffu, lA, 2);
+    lB += __shfl_xor_sync(0xffffffffu, lB, 1);
+    lB += __shfl_xor_sync(0xffffffffu, lB, 2);
+    const float iA = 1.0f / lA, iB = 1.0f / lB;
+    const int rA = q0 + g, rB = rA + 8;
+    const unsigned long long ob1 = (unsigned long long)bi * sq1 * c + hd;
+    const unsigned long long ob2 = (unsigned long long)bi * sq2 * c + hd;
+    __nv_bfloat16* pA = rA < sq1 ? o1 + ob1 + (unsigned long long)rA * c
+                                 : o2 + ob2 + (unsigned long long)(rA - sq1) * c;
+    __nv_bfloat16* pB = rB < sq1 ? o1 + ob1 + (unsigned long long)rB * c
+                                 : o2 + ob2 + (unsigned long long)(rB - sq1) * c;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+        const int d0 = 8 * i + 2 * t;
+        if (rA < sq) *reinterpret_cast<unsigned*>(pA + d0) = fa_pack(o[4 * i] * iA, o[4 * i + 1] * iA);
+        if (rB < sq)
+            *reinterpret_cast<unsigned*>(pB + d0) = fa_pack(o[4 * i + 2] * iB, o[4 * i + 3] * iB);
+    }
+}
+#endif  // SD_HAVE_WGMMA
+
+// Variants: flash_wg2_n128 (2 warpgroups = 128 queries per block, 128-key tiles),
+// flash_wg3_n128 (192 queries), flash_wg2_n64 (64-key tiles). Dynamic shared memory:
+// 4 * BN * 128 bytes + 1024 (alignment slack).
+#ifdef SD_HAVE_WGMMA
+#define SD_FLASH_WG_BODY(NWG, BN) \
+    flash_wg_impl<NWG, BN>(q1, k1, v1, o1, sq1, sk1, q2, k2, v2, o2, sq2, sk2, heads, scale);
+#else
+#define SD_FLASH_WG_BODY(NWG, BN)
+#endif
+#define SD_FLASH_WG(NAME, NWG, BN)                                                            \
+    extern "C" __global__ void __launch_bounds__(NWG * 128, 1) NAME(                          \
+        const __nv_bfloat16* q1, const __nv_bfloat16* k1, const __nv_bfloat16* v1,            \
+        __nv_bfloat16* o1, int sq1, int sk1, const __nv_bfloat16* q2,                         \
+        const __nv_bfloat16* k2, const __nv_bfloat16* v2, __nv_bfloat16* o2, int sq2,         \
+        int sk2, int heads, float scale) {                                                    \
+        SD_FLASH_WG_BODY(NWG, BN)                                                             \
+    }
+SD_FLASH_WG(flash_wg2_n128, 2, 128)
+SD_FLASH_WG(flash_wg3_n128, 3, 128)
+SD_FLASH_WG(flash_wg2_n64, 2, 64)
 
 // Row softmax for the GEMM attention path (large head dims: the VAE's single 512-wide
 // head): s [rows, n] f32 scores (already scaled) -> p [rows, n] BF16 probabilities, in

@@ -24,6 +24,30 @@ extern "C" __global__ void quantize_fp8_dev(const void* __restrict__ x,
     }
 }
 
+// quantize_fp8_dev for BF16 storage, 8 values per thread (one 16-byte load, one 8-byte
+// store): the same codes, at memory speed. n8 = n / 8 (n a multiple of 8).
+extern "C" __global__ void quantize_fp8_dev_x8(const __nv_bfloat16* __restrict__ x,
+                                               unsigned char* __restrict__ q,
+                                               unsigned long long n8,
+                                               const float* __restrict__ scale, int fmt) {
+    const float s = *scale;
+    const __nv_fp8_interpretation_t f = fmt == 0 ? __NV_E4M3 : __NV_E5M2;
+    SD_GRID_STRIDE(i, n8) {
+        const uint4 v = reinterpret_cast<const uint4*>(x)[i];
+        const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&v);
+        unsigned short pairs[4];
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            const float2 a = __bfloat1622float2(h[j]);
+            pairs[j] = __nv_cvt_float2_to_fp8x2(make_float2(a.x / s, a.y / s), __NV_SATFINITE, f);
+        }
+        uint2 out;
+        out.x = (unsigned)pairs[0] | ((unsigned)pairs[1] << 16);
+        out.y = (unsigned)pairs[2] | ((unsigned)pairs[3] << 16);
+        reinterpret_cast<uint2*>(q)[i] = out;
+    }
+}
+
 // y is f32 (the input of an f32 GEMM: scaled FP8 values need not be BF16 values).
 extern "C" __global__ void dequantize_fp8(const unsigned char* __restrict__ q, float* __restrict__ y,
                                           unsigned long long n, float scale, int fmt) {
@@ -43,5 +67,82 @@ extern "C" __global__ void fp8_to_bf16(const unsigned char* __restrict__ q,
         const __half_raw h = __nv_cvt_fp8_to_halfraw((__nv_fp8_storage_t)q[i],
                                                      fmt == 0 ? __NV_E4M3 : __NV_E5M2);
         y[i] = __float2bfloat16_rn(__half2float(__half(h)));
+    }
+}
+
+// Weight-only FP8 linear (W8A16) for few input rows (adaLN modulation: one row per batch
+// entry): y[m, o] = (sum_k x[m, k] * code(w[o, k])) * wscale[o] + bias[o], BF16 in and
+// out, f32 accumulation. The GEMV is bound by reading the weights, so it reads the E4M3
+// codes (half the bytes of BF16) 16 at a time and never widens them in memory. One warp
+// per output channel; blockIdx.y takes input rows W8_ROWS at a time. Needs k % 16 == 0
+// (16-byte code loads; rows of a cudaMalloc'd [n, k] array then stay 16-byte aligned).
+#define W8_ROWS 4
+extern "C" __global__ void linear_w8a16(const unsigned char* __restrict__ w,
+                                        const float* __restrict__ wscale,
+                                        const float* __restrict__ bias,
+                                        const __nv_bfloat16* __restrict__ x,
+                                        __nv_bfloat16* __restrict__ y, int m, int k, int n) {
+    const int o = (int)(((unsigned long long)blockIdx.x * blockDim.x + threadIdx.x) >> 5);
+    const int lane = threadIdx.x & 31;
+    if (o >= n) return;
+    const int m0 = blockIdx.y * W8_ROWS;
+    const unsigned char* wr = w + (unsigned long long)o * k;
+    float acc[W8_ROWS];
+#pragma unroll
+    for (int r = 0; r < W8_ROWS; ++r) acc[r] = 0.f;
+    for (int k0 = lane * 16; k0 < k; k0 += 32 * 16) {
+        const uint4 codes = *reinterpret_cast<const uint4*>(wr + k0);
+        const unsigned short* pairs = reinterpret_cast<const unsigned short*>(&codes);
+        float wv[16];
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+            const __half2_raw h2 = __nv_cvt_fp8x2_to_halfraw2((__nv_fp8x2_storage_t)pairs[i], __NV_E4M3);
+            const float2 f = __half22float2(__half2(h2));
+            wv[2 * i] = f.x;
+            wv[2 * i + 1] = f.y;
+        }
+#pragma unroll
+        for (int r = 0; r < W8_ROWS; ++r) {
+            if (m0 + r >= m) break;
+            const uint4* xr = reinterpret_cast<const uint4*>(x + (unsigned long long)(m0 + r) * k + k0);
+            const uint4 xa = xr[0], xb = xr[1];
+            const __nv_bfloat162* p0 = reinterpret_cast<const __nv_bfloat162*>(&xa);
+            const __nv_bfloat162* p1 = reinterpret_cast<const __nv_bfloat162*>(&xb);
+            float a = acc[r];
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                const float2 u = __bfloat1622float2(p0[i]);
+                const float2 v = __bfloat1622float2(p1[i]);
+                a = fmaf(u.x, wv[2 * i], a);
+                a = fmaf(u.y, wv[2 * i + 1], a);
+                a = fmaf(v.x, wv[8 + 2 * i], a);
+                a = fmaf(v.y, wv[8 + 2 * i + 1], a);
+            }
+            acc[r] = a;
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < W8_ROWS; ++r) {
+#pragma unroll
+        for (int off = 16; off > 0; off >>= 1) acc[r] += __shfl_xor_sync(0xffffffffu, acc[r], off);
+    }
+    if (lane == 0) {
+        const float s = wscale[o], b = bias ? bias[o] : 0.f;
+#pragma unroll
+        for (int r = 0; r < W8_ROWS; ++r) {
+            if (m0 + r < m) y[(unsigned long long)(m0 + r) * n + o] = __float2bfloat16_rn(fmaf(acc[r], s, b));
+        }
+    }
+}
+
+// E4M3 codes [rows, cols] times a per-row scale, rounded to BF16: a weight-only layer's
+// weights for a BF16 GEMM when it meets too many input rows for linear_w8a16.
+extern "C" __global__ void fp8_rows_to_bf16(const unsigned char* __restrict__ q,
+                                            const float* __restrict__ row_scale,
+                                            __nv_bfloat16* __restrict__ y, unsigned long long n,
+                                            int cols) {
+    SD_GRID_STRIDE(i, n) {
+        const __half_raw h = __nv_cvt_fp8_to_halfraw((__nv_fp8_storage_t)q[i], __NV_E4M3);
+        y[i] = __float2bfloat16_rn(__half2float(__half(h)) * row_scale[i / cols]);
     }
 }

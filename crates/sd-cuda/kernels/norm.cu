@@ -54,6 +54,146 @@ extern "C" __global__ void layer_norm_modulate_f32(const void* __restrict__ x,
     }
 }
 
+// layer_norm_modulate_f32 for BF16 storage and rows of c % 8 == 0, c <= 16 * blockDim.x
+// values (every SD3 width): each thread holds at most two 16-byte chunks of the row in
+// registers, so x is read once; the same f64 statistics and final arithmetic.
+extern "C" __global__ void layer_norm_modulate_bf16x8(const __nv_bfloat16* __restrict__ x,
+                                                      const __nv_bfloat16* __restrict__ shift,
+                                                      const __nv_bfloat16* __restrict__ scale,
+                                                      __nv_bfloat16* __restrict__ y, int c,
+                                                      float eps,
+                                                      unsigned long long rows_per_batch) {
+    __shared__ double red[32];
+    const unsigned long long row = (unsigned long long)blockIdx.x * c;
+    const unsigned long long mod = (blockIdx.x / rows_per_batch) * c;
+    const int chunks = c / 8;
+    float f[2][8];
+#pragma unroll
+    for (int k = 0; k < 2; ++k) {
+        const int ch = threadIdx.x + k * blockDim.x;
+        uint4 v = make_uint4(0u, 0u, 0u, 0u);
+        if (ch < chunks) v = reinterpret_cast<const uint4*>(x + row)[ch];
+        const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&v);
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            const float2 a = __bfloat1622float2(h[j]);
+            f[k][2 * j] = a.x;
+            f[k][2 * j + 1] = a.y;
+        }
+    }
+    double s = 0.0;
+#pragma unroll
+    for (int k = 0; k < 2; ++k)
+#pragma unroll
+        for (int j = 0; j < 8; ++j) s += (double)f[k][j];
+    const double mean = sd_block_sum_d(s, red) / c;
+    double v = 0.0;
+#pragma unroll
+    for (int k = 0; k < 2; ++k) {
+        if ((int)threadIdx.x + k * (int)blockDim.x >= chunks) continue;
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+            const double d = (double)f[k][j] - mean;
+            v += d * d;
+        }
+    }
+    const double inv = 1.0 / sqrt(sd_block_sum_d(v, red) / c + (double)eps);
+#pragma unroll
+    for (int k = 0; k < 2; ++k) {
+        const int ch = threadIdx.x + k * blockDim.x;
+        if (ch >= chunks) continue;
+        const uint4 sa = reinterpret_cast<const uint4*>(scale + mod)[ch];
+        const uint4 ha = reinterpret_cast<const uint4*>(shift + mod)[ch];
+        const __nv_bfloat162* sh = reinterpret_cast<const __nv_bfloat162*>(&sa);
+        const __nv_bfloat162* hh = reinterpret_cast<const __nv_bfloat162*>(&ha);
+        uint4 o;
+        unsigned* op = reinterpret_cast<unsigned*>(&o);
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            const float2 sc = __bfloat1622float2(sh[j]), sf = __bfloat1622float2(hh[j]);
+            const float n0 = sd_round((float)(((double)f[k][2 * j] - mean) * inv), 1);
+            const float n1 = sd_round((float)(((double)f[k][2 * j + 1] - mean) * inv), 1);
+            const __nv_bfloat162 r2 =
+                __floats2bfloat162_rn(n0 * (1.0f + sc.x) + sf.x, n1 * (1.0f + sc.y) + sf.y);
+            op[j] = *reinterpret_cast<const unsigned*>(&r2);
+        }
+        reinterpret_cast<uint4*>(y + row)[ch] = o;
+    }
+}
+
+// The same for one warp per row (no block barriers: SD3's rows are short, and a block
+// per row spent its time in the two block reductions). Each lane holds up to LN_CPL
+// 16-byte chunks: c <= 256 * LN_CPL.
+#define LN_CPL 10
+extern "C" __global__ void __launch_bounds__(256, 2) layer_norm_modulate_warp_bf16x8(
+    const __nv_bfloat16* __restrict__ x, const __nv_bfloat16* __restrict__ shift,
+    const __nv_bfloat16* __restrict__ scale, __nv_bfloat16* __restrict__ y,
+    unsigned long long rows, int c, float eps, unsigned long long rows_per_batch) {
+    const unsigned long long rix = ((unsigned long long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    const int lane = threadIdx.x & 31;
+    if (rix >= rows) return;
+    const unsigned long long row = rix * c;
+    const unsigned long long mod = (rix / rows_per_batch) * c;
+    const int chunks = c / 8;
+    // The row stays packed (BF16 pairs) in registers and is widened at each use.
+    uint4 raw[LN_CPL];
+    double s = 0.0;
+#pragma unroll
+    for (int k = 0; k < LN_CPL; ++k) {
+        const int ch = lane + 32 * k;
+        raw[k] = make_uint4(0u, 0u, 0u, 0u);
+        if (ch < chunks) raw[k] = reinterpret_cast<const uint4*>(x + row)[ch];
+        const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&raw[k]);
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            const float2 a = __bfloat1622float2(h[j]);
+            s += (double)a.x + (double)a.y;
+        }
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+    const double mean = s / c;
+    double v = 0.0;
+#pragma unroll
+    for (int k = 0; k < LN_CPL; ++k) {
+        if (lane + 32 * k >= chunks) continue;
+        const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&raw[k]);
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            const float2 a = __bfloat1622float2(h[j]);
+            const double d0 = (double)a.x - mean, d1 = (double)a.y - mean;
+            v += d0 * d0;
+            v += d1 * d1;
+        }
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    const double inv = 1.0 / sqrt(v / c + (double)eps);
+#pragma unroll
+    for (int k = 0; k < LN_CPL; ++k) {
+        const int ch = lane + 32 * k;
+        if (ch >= chunks) continue;
+        const uint4 sa = reinterpret_cast<const uint4*>(scale + mod)[ch];
+        const uint4 ha = reinterpret_cast<const uint4*>(shift + mod)[ch];
+        const __nv_bfloat162* xh = reinterpret_cast<const __nv_bfloat162*>(&raw[k]);
+        const __nv_bfloat162* sh = reinterpret_cast<const __nv_bfloat162*>(&sa);
+        const __nv_bfloat162* hh = reinterpret_cast<const __nv_bfloat162*>(&ha);
+        uint4 o;
+        unsigned* op = reinterpret_cast<unsigned*>(&o);
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            const float2 a = __bfloat1622float2(xh[j]);
+            const float2 sc = __bfloat1622float2(sh[j]), sf = __bfloat1622float2(hh[j]);
+            const float n0 = sd_round((float)(((double)a.x - mean) * inv), 1);
+            const float n1 = sd_round((float)(((double)a.y - mean) * inv), 1);
+            const __nv_bfloat162 r2 =
+                __floats2bfloat162_rn(n0 * (1.0f + sc.x) + sf.x, n1 * (1.0f + sc.y) + sf.y);
+            op[j] = *reinterpret_cast<const unsigned*>(&r2);
+        }
+        reinterpret_cast<uint4*>(y + row)[ch] = o;
+    }
+}
+
 extern "C" __global__ void rms_norm_f32(const void* __restrict__ x, const void* __restrict__ g,
                                         void* __restrict__ y, int c, float eps, int r) {
     __shared__ double red[32];
@@ -112,6 +252,62 @@ extern "C" __global__ void rms_norm_warp_f32(const void* __restrict__ x, const v
     const float inv = (float)(1.0 / sqrt(s / c + (double)eps));
     for (int i = lane; i < c; i += 32)
         sd_st(y, base + i, sd_ld(x, base + i, r) * inv * (g ? sd_ld(g, i, r) : 1.0f), r);
+}
+
+// rms_norm_warp_f32 for BF16 storage and 64-value rows (SD3.5's per-head qk norm): 8
+// threads per row, 8 values each (one 16-byte load and store), the same f64 statistics
+// and final arithmetic. rows * 8 threads in all.
+extern "C" __global__ void rms_norm_row64_bf16(const __nv_bfloat16* __restrict__ x,
+                                               const __nv_bfloat16* __restrict__ g,
+                                               __nv_bfloat16* __restrict__ y,
+                                               unsigned long long rows, float eps) {
+    const unsigned long long t = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x;
+    const unsigned long long row = t >> 3;
+    const int part = threadIdx.x & 7;
+    // Whole octets of lanes stay together (blockDim is a multiple of 8), so the shuffles
+    // below only mix lanes of one row; rows past the end compute on zeros and store nothing.
+    const bool live = row < rows;
+    uint4 v = make_uint4(0u, 0u, 0u, 0u);
+    if (live) v = reinterpret_cast<const uint4*>(x + row * 64)[part];
+    const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&v);
+    float f[8];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+        const float2 a = __bfloat1622float2(h[j]);
+        f[2 * j] = a.x;
+        f[2 * j + 1] = a.y;
+    }
+    double s = 0.0;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) s += (double)f[j] * (double)f[j];
+    s += __shfl_xor_sync(0xffffffffu, s, 1);
+    s += __shfl_xor_sync(0xffffffffu, s, 2);
+    s += __shfl_xor_sync(0xffffffffu, s, 4);
+    if (!live) return;
+    const float inv = (float)(1.0 / sqrt(s / 64 + (double)eps));
+    float gv[8];
+    if (g) {
+        const uint4 gw = reinterpret_cast<const uint4*>(g)[part];
+        const __nv_bfloat162* gh = reinterpret_cast<const __nv_bfloat162*>(&gw);
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            const float2 a = __bfloat1622float2(gh[j]);
+            gv[2 * j] = a.x;
+            gv[2 * j + 1] = a.y;
+        }
+    } else {
+#pragma unroll
+        for (int j = 0; j < 8; ++j) gv[j] = 1.0f;
+    }
+    uint4 o;
+    unsigned* op = reinterpret_cast<unsigned*>(&o);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+        const __nv_bfloat162 r2 =
+            __floats2bfloat162_rn(f[2 * j] * inv * gv[2 * j], f[2 * j + 1] * inv * gv[2 * j + 1]);
+        op[j] = *reinterpret_cast<const unsigned*>(&r2);
+    }
+    reinterpret_cast<uint4*>(y + row * 64)[part] = o;
 }
 
 // Group norm split over many blocks: grid (entry*group, chunks). Pass 1: f64 partial

@@ -253,11 +253,11 @@ fn load_onto(bundle: &Bundle, backend: CudaBackend) -> sd_engine::Result<Sd3Pipe
     components.dedup();
     for comp in components {
         let weights = bundle.weights(comp)?;
-        for layer in
-            bundle.manifest.layers.iter().filter(|l| {
-                l.component == comp && l.precision == sd_engine::manifest::PRECISION_FP8
-            })
-        {
+        for layer in bundle.manifest.layers.iter().filter(|l| {
+            l.component == comp
+                && (l.precision == sd_engine::manifest::PRECISION_FP8
+                    || l.precision == sd_engine::manifest::PRECISION_FP8_WEIGHT_ONLY)
+        }) {
             let w = weights
                 .fp8(&layer.name)
                 .ok_or_else(|| EngineError::Corrupt {
@@ -273,8 +273,9 @@ fn load_onto(bundle: &Bundle, backend: CudaBackend) -> sd_engine::Result<Sd3Pipe
                     ),
                 });
             }
-            let LinearQuant::Fp8 { weight, .. } = w.quant else {
-                continue;
+            let weight = match w.quant {
+                LinearQuant::Fp8 { weight, .. } | LinearQuant::Fp8WeightOnly { weight } => weight,
+                LinearQuant::None => continue,
             };
             packed.insert(
                 layer.name.clone(),

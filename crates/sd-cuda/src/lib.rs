@@ -118,6 +118,13 @@ enum LinearKind {
         act: Fp8Format,
         act_scale: f32,
     },
+    /// Weight-only FP8 (W8A16): E4M3 codes `[out, in]` with per-channel scales, the
+    /// input unquantized; run by the `linear_w8a16` GEMV (few input rows: adaLN), or for
+    /// many rows dequantized to a BF16 temporary for a BF16 GEMM.
+    Fp8WeightOnly {
+        w: CudaSlice<u8>,
+        wscale: CudaSlice<f32>,
+    },
     /// FP8 numerics on an f32 GEMM (dequantized weights, fake-quantized inputs), for
     /// shapes cuBLASLt's FP8 path does not take (in or out features not multiples of 16).
     Fp8Emulated {
@@ -149,7 +156,7 @@ impl Drop for CudaLinear {
         let ctx = match &self.kind {
             LinearKind::F32 { w } | LinearKind::Fp8Emulated { w, .. } => w.context(),
             LinearKind::Bf16 { w } | LinearKind::Fp8ViaBf16 { w, .. } => w.context(),
-            LinearKind::Fp8 { w, .. } => w.context(),
+            LinearKind::Fp8 { w, .. } | LinearKind::Fp8WeightOnly { w, .. } => w.context(),
         };
         let _ = ctx.bind_to_thread();
     }
@@ -166,6 +173,7 @@ impl CudaLinear {
             }
             LinearKind::Fp8Emulated { act, .. } => format!("fp8-emulated e4m3x{}", act.name()),
             LinearKind::Fp8ViaBf16 { act, .. } => format!("fp8-via-bf16 e4m3x{}", act.name()),
+            LinearKind::Fp8WeightOnly { .. } => "fp8 weight-only e4m3 (w8a16)".into(),
         }
     }
 }
@@ -191,6 +199,17 @@ const WORKSPACE_BYTES: usize = 32 << 20;
 const THREADS: u32 = 256;
 
 /// Every kernel the backend launches, by module.
+/// Widest rows `layer_norm_modulate_warp_bf16x8` takes (32 lanes x LN_CPL = 10 chunks
+/// of 8 values, kernels/norm.cu): SD3.5-medium's 1536 and -large's 2432 channels.
+const LN_WARP_MAX_CHANNELS: usize = 32 * 10 * 8;
+
+/// `unary_*` kernels' op code of GELU with the tanh approximation (kernels/elementwise.cu).
+const UNARY_GELU_TANH: i32 = 3;
+
+/// Input rows up to which a weight-only FP8 layer runs as the `linear_w8a16` GEMV (it
+/// reads the weights once per 4 rows; past this a BF16 GEMM on dequantized weights wins).
+const W8A16_MAX_ROWS: usize = 16;
+
 const KERNEL_NAMES: &[&str] = &[
     "unary_f32",
     "binary_f32",
@@ -212,6 +231,16 @@ const KERNEL_NAMES: &[&str] = &[
     "flash_attn_d64",
     "flash_attn_d64_w8m2",
     "flash_attn_d64_w4m2",
+    "flash_wg2_n128",
+    "flash_wg3_n128",
+    "flash_wg2_n64",
+    "linear_w8a16",
+    "quantize_fp8_dev_x8",
+    "rms_norm_row64_bf16",
+    "gated_add_bf16x8",
+    "layer_norm_modulate_bf16x8",
+    "layer_norm_modulate_warp_bf16x8",
+    "fp8_rows_to_bf16",
     "rms_norm_warp_f32",
     "group_norm_sum",
     "group_norm_var",
@@ -282,6 +311,8 @@ struct GemmEpilogue {
     a_scale: u64,
     /// Bias per row of D (output channel) in D's type, 0 = none.
     bias: u64,
+    /// GELU (tanh approximation, cuBLASLt's) after the bias.
+    gelu: bool,
 }
 
 impl Default for GemmEpilogue {
@@ -293,6 +324,7 @@ impl Default for GemmEpilogue {
             alpha_vec: 0,
             a_scale: 0,
             bias: 0,
+            gelu: false,
         }
     }
 }
@@ -304,6 +336,7 @@ impl GemmEpilogue {
             || self.alpha_vec != 0
             || self.a_scale != 0
             || self.bias != 0
+            || self.gelu
     }
 }
 
@@ -328,6 +361,8 @@ struct Inner {
     precision: CudaPrecision,
     gpu: String,
     cc: (i32, i32),
+    /// The kernels were built for sm_90a on a 9.0 GPU: the wgmma flash kernels run.
+    hopper: bool,
     build_id: String,
     fp8_gemm: std::cell::Cell<Fp8Gemm>,
     /// Flash attention for head dim 64 without mask or bias (BF16/FP8 precision);
@@ -344,8 +379,9 @@ struct Inner {
     /// Linear layers through cuBLASLt's fused epilogue, per way (see `linear_impl`):
     /// None = not tried yet, Some(true) = works, Some(false) = refused (the reason is
     /// kept). `SD_CUDA_FUSED_EPILOGUE=0` starts them all at Some(false).
-    fused_epilogue: std::cell::Cell<[Option<bool>; 4]>,
-    fused_epilogue_error: std::cell::RefCell<[Option<String>; 4]>,
+    /// Per epilogue way (see `linear_impl`; ways 4..8 are ways 0..4 with GELU fused).
+    fused_epilogue: std::cell::Cell<[Option<bool>; 8]>,
+    fused_epilogue_error: std::cell::RefCell<[Option<String>; 8]>,
     /// cuBLASLt algorithms chosen per GEMM problem (by the heuristic, by timing when
     /// `tune_gemms` is on, or given by an engine bundle; see `tuning.rs`).
     algo_cache: std::cell::RefCell<HashMap<String, ltsys::cublasLtMatmulAlgo_t>>,
@@ -398,46 +434,114 @@ pub enum FlashVariant {
     W8M2 = 1,
     /// 4 warps x 32 query rows (128 per block).
     W4M2 = 2,
+    /// Hopper warpgroup MMA (sm_90a): 2 warpgroups x 64 query rows, 128-key tiles.
+    Wg2N128 = 3,
+    /// Hopper warpgroup MMA: 3 warpgroups x 64 query rows, 128-key tiles.
+    Wg3N128 = 4,
+    /// Hopper warpgroup MMA: 2 warpgroups x 64 query rows, 64-key tiles.
+    Wg2N64 = 5,
+}
+
+/// A flash kernel's launch shape.
+#[derive(Clone, Copy, Debug)]
+struct FlashKernel {
+    name: &'static str,
+    /// Query rows per block.
+    rows: usize,
+    threads: u32,
+    /// Dynamic shared memory (the wgmma kernels' double-buffered, 1024-byte aligned
+    /// K/V tiles); the mma.sync kernels use static shared memory.
+    shared_bytes: u32,
+    /// Takes the two-segment (joint) argument list and needs sm_90a.
+    wgmma: bool,
 }
 
 impl FlashVariant {
-    pub const ALL: [FlashVariant; 3] = [Self::W8M1, Self::W8M2, Self::W4M2];
-    /// (kernel, query rows per block, threads per block)
-    fn kernel(self) -> (&'static str, usize, u32) {
+    pub const ALL: [FlashVariant; 6] = [
+        Self::W8M1,
+        Self::W8M2,
+        Self::W4M2,
+        Self::Wg2N128,
+        Self::Wg3N128,
+        Self::Wg2N64,
+    ];
+    fn kernel(self) -> FlashKernel {
+        let mma_sync = |name, rows, threads| FlashKernel {
+            name,
+            rows,
+            threads,
+            shared_bytes: 0,
+            wgmma: false,
+        };
+        // Four tiles (K and V, two buffers) of `keys` rows of 128 bytes, plus the slack
+        // that lets the kernel align them to 1024 bytes.
+        let wgmma = |name, warpgroups: usize, keys: u32| FlashKernel {
+            name,
+            rows: 64 * warpgroups,
+            threads: 128 * warpgroups as u32,
+            shared_bytes: 4 * keys * 128 + 1024,
+            wgmma: true,
+        };
         match self {
-            Self::W8M1 => ("flash_attn_d64", 128, 256),
-            Self::W8M2 => ("flash_attn_d64_w8m2", 256, 256),
-            Self::W4M2 => ("flash_attn_d64_w4m2", 128, 128),
+            Self::W8M1 => mma_sync("flash_attn_d64", 128, 256),
+            Self::W8M2 => mma_sync("flash_attn_d64_w8m2", 256, 256),
+            Self::W4M2 => mma_sync("flash_attn_d64_w4m2", 128, 128),
+            Self::Wg2N128 => wgmma("flash_wg2_n128", 2, 128),
+            Self::Wg3N128 => wgmma("flash_wg3_n128", 3, 128),
+            Self::Wg2N64 => wgmma("flash_wg2_n64", 2, 64),
         }
     }
     pub fn name(self) -> &'static str {
-        self.kernel().0
+        self.kernel().name
+    }
+    /// Whether the variant runs only on Hopper (sm_90a kernels).
+    pub fn needs_hopper(self) -> bool {
+        self.kernel().wgmma
     }
 }
 
-/// 255 = not chosen yet (then `SD_CUDA_FLASH_VARIANT` = 0/1/2, else W8M2, the fastest
-/// on the H100: 185 vs 131 TFLOP/s at SD3.5-medium's joint attention).
+/// 255 = not chosen yet (then `SD_CUDA_FLASH_VARIANT` = 0..5, else the default: on a
+/// GPU with sm_90a kernels [`DEFAULT_HOPPER_FLASH`], elsewhere W8M2, the fastest
+/// mma.sync tiling).
 static FLASH_VARIANT: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(255);
 
-/// Chooses the flash-attention tiling for every backend of this process.
+/// The flash tiling a Hopper GPU uses unless told otherwise: the fastest on the H100 at
+/// SD3.5-medium's joint attention (305-311 TFLOP/s, against 268-273 for 2 warpgroups,
+/// 226 with 64-key tiles and 241-244 for the best mma.sync tiling; benchmarks/README.md).
+const DEFAULT_HOPPER_FLASH: FlashVariant = FlashVariant::Wg3N128;
+
+/// Chooses the flash-attention tiling for every backend of this process (a Hopper-only
+/// tiling falls back to W8M2 on other GPUs).
 pub fn set_flash_variant(v: FlashVariant) {
     FLASH_VARIANT.store(v as u8, std::sync::atomic::Ordering::Relaxed);
 }
 
-/// The flash-attention tiling in use.
-pub fn flash_variant() -> FlashVariant {
+/// The flash-attention tiling chosen for this process, if any (`set_flash_variant` or
+/// `SD_CUDA_FLASH_VARIANT`).
+fn chosen_flash_variant() -> Option<FlashVariant> {
     let v = match FLASH_VARIANT.load(std::sync::atomic::Ordering::Relaxed) {
         255 => std::env::var("SD_CUDA_FLASH_VARIANT")
             .ok()
-            .and_then(|s| s.parse::<u8>().ok())
-            .unwrap_or(1),
+            .and_then(|s| s.parse::<u8>().ok())?,
         v => v,
     };
-    match v {
-        1 => FlashVariant::W8M2,
-        2 => FlashVariant::W4M2,
-        _ => FlashVariant::W8M1,
+    FlashVariant::ALL.get(v as usize).copied()
+}
+
+/// The flash-attention tiling in use on a GPU with (`hopper` = true) or without sm_90a
+/// kernels.
+pub fn flash_variant_for(hopper: bool) -> FlashVariant {
+    match chosen_flash_variant() {
+        Some(v) if hopper || !v.needs_hopper() => v,
+        Some(_) => FlashVariant::W8M2,
+        None if hopper => DEFAULT_HOPPER_FLASH,
+        None => FlashVariant::W8M2,
     }
+}
+
+/// The flash-attention tiling in use on a Hopper GPU.
+pub fn flash_variant() -> FlashVariant {
+    flash_variant_for(true)
 }
 
 /// GPU memory figures (bytes).
@@ -470,10 +574,27 @@ fn op_name(closure: &str) -> String {
     s.rsplit("::").next().unwrap_or(s).to_string()
 }
 
-/// Stream-synchronised wall time per operation kind, summed.
+/// GPU time per operation kind (timing events around each operation), summed.
 #[derive(Default)]
 struct Profile {
     ops: HashMap<String, (u64, f64)>,
+    /// Events around operations not yet read back: (operation, start, end).
+    pending: Vec<(String, cudarc::driver::CudaEvent, cudarc::driver::CudaEvent)>,
+}
+
+impl Profile {
+    /// Adds the GPU time of every pending operation (synchronises on the last event).
+    fn settle(&mut self) {
+        for (key, start, end) in self.pending.drain(..) {
+            let ms = end
+                .synchronize()
+                .and_then(|_| start.elapsed_ms(&end))
+                .map_or(0.0, f64::from);
+            let e = self.ops.entry(key).or_insert((0, 0.0));
+            e.0 += 1;
+            e.1 += ms;
+        }
+    }
 }
 
 fn fmt_code(f: Fp8Format) -> i32 {
@@ -600,9 +721,12 @@ pub fn check_libraries() -> Result<()> {
     Ok(())
 }
 
-/// The NVRTC architecture for a compute capability (`sm_89`, `sm_90`).
+/// The NVRTC architecture for a compute capability (`sm_89`, `sm_90a`). Hopper (9.0)
+/// gets its architecture-specific target: the warpgroup MMA (`wgmma`) of the flash
+/// attention exists only there.
 pub fn arch_for(cc: (i32, i32)) -> String {
-    format!("sm_{}{}", cc.0, cc.1)
+    let suffix = if cc == (9, 0) { "a" } else { "" };
+    format!("sm_{}{}{suffix}", cc.0, cc.1)
 }
 
 impl Inner {
@@ -652,6 +776,20 @@ impl Inner {
                 .ok_or_else(|| CudaError::Driver(format!("kernel {k} not found in the PTX")))?;
             funcs.insert(k, f);
         }
+        let hopper = cc == (9, 0) && kernels.arch == "sm_90a";
+        if hopper {
+            for v in FlashVariant::ALL {
+                let k = v.kernel();
+                if k.wgmma && k.shared_bytes > 48 * 1024 {
+                    funcs[k.name]
+                        .set_attribute(
+                            cudarc::driver::sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                            k.shared_bytes as i32,
+                        )
+                        .map_err(|e| CudaError::Driver(format!("{}: shared memory limit: {e:?}", k.name)))?;
+                }
+            }
+        }
         let pool = default_pool(&ctx)?;
         // A caching allocator: the stream-ordered pool keeps freed memory for reuse
         // instead of handing it back to the driver at every synchronisation.
@@ -676,6 +814,7 @@ impl Inner {
             precision,
             gpu,
             cc,
+            hopper,
             build_id: kernels.build_id.clone(),
             fp8_gemm: std::cell::Cell::new(Fp8Gemm::Native),
             flash: std::cell::Cell::new(
@@ -686,9 +825,9 @@ impl Inner {
             quant_cache: std::cell::RefCell::new(None),
             fused_epilogue: std::cell::Cell::new(
                 [(std::env::var("SD_CUDA_FUSED_EPILOGUE").as_deref() == Ok("0")).then_some(false);
-                    4],
+                    8],
             ),
-            fused_epilogue_error: std::cell::RefCell::new([None, None, None, None]),
+            fused_epilogue_error: std::cell::RefCell::new(Default::default()),
             algo_cache: std::cell::RefCell::new(HashMap::new()),
             tune_gemms: std::cell::Cell::new(false),
             act_scale_vecs: std::cell::RefCell::new(HashMap::new()),
@@ -857,9 +996,16 @@ impl Inner {
                         &g.epi.a_scale,
                     )?;
                 }
+                let epilogue = match (g.epi.bias != 0, g.epi.gelu) {
+                    (true, false) => Some(ltsys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS),
+                    (true, true) => Some(ltsys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_GELU_BIAS),
+                    (false, true) => Some(ltsys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_GELU),
+                    (false, false) => None,
+                };
+                if let Some(e) = epilogue {
+                    set_desc(desc, A::CUBLASLT_MATMUL_DESC_EPILOGUE, &(e as u32))?;
+                }
                 if g.epi.bias != 0 {
-                    let epilogue = ltsys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS as u32;
-                    set_desc(desc, A::CUBLASLT_MATMUL_DESC_EPILOGUE, &epilogue)?;
                     set_desc(desc, A::CUBLASLT_MATMUL_DESC_BIAS_POINTER, &g.epi.bias)?;
                 }
                 let ws = WORKSPACE_BYTES;
@@ -893,7 +1039,7 @@ impl Inner {
                         g.epi.alpha_vec != 0,
                         g.epi.a_scale != 0,
                         g.epi.bias != 0
-                    )
+                    ) + if g.epi.gelu { " gelu" } else { "" }
                 } else {
                     String::new()
                 };
@@ -1122,7 +1268,7 @@ impl Inner {
         spec: &LinearSpec,
         weight: &WeightTensor<'_>,
         bias: Option<&WeightTensor<'_>>,
-        packed: Option<PackedFp8Weight>,
+        mut packed: Option<PackedFp8Weight>,
     ) -> Result<CudaLinear> {
         let (out, inp) = (spec.out_features, spec.in_features);
         if weight.shape != [out, inp] {
@@ -1131,7 +1277,7 @@ impl Inner {
                 spec.name, weight.shape
             )));
         }
-        let needs_values = packed.is_none() || !matches!(spec.quant, LinearQuant::Fp8 { .. });
+        let needs_values = packed.is_none() || matches!(spec.quant, LinearQuant::None);
         let mut w = if needs_values {
             weight.to_f32()
         } else {
@@ -1153,12 +1299,13 @@ impl Inner {
             }
             None => None,
         };
+        // W8A16 layers keep their E4M3 codes on the GPU (FP8 precision, rows of a
+        // multiple of 16 codes for the GEMV's 16-byte loads); otherwise they run as a
+        // dense layer on the weights' FP8 values (code * scale, what the CPU engine
+        // computes with). A bundle provides the codes it stores; a checkpoint's weights
+        // are quantized here, as the CPU simulation quantizes them.
+        let mut weight_only_codes = None;
         if let LinearQuant::Fp8WeightOnly { weight: wq } = &spec.quant {
-            // W8A16: the layer runs as a dense GEMM on the weights' FP8 values (code *
-            // scale, what the CPU engine computes with), rounded to BF16 for upload; a
-            // bundle's weights arrive already dequantized, a checkpoint's are quantized
-            // here. GPU memory holds them in BF16: no kernel reads FP8 codes with a
-            // high-precision input yet.
             if wq.format != Fp8Format::E4M3 {
                 return Err(bad(format!(
                     "layer {}: FP8 weights must be E4M3 (plan says {})",
@@ -1167,9 +1314,30 @@ impl Inner {
                 )));
             }
             wq.check(&spec.name, out).map_err(bad)?;
-            wq.fake_quantize(&mut w, inp);
+            if self.precision == CudaPrecision::Fp8 && inp % 16 == 0 {
+                weight_only_codes = Some(match packed.take() {
+                    Some(p) => check_packed(spec, p, wq)?,
+                    None => pack_fp8_weight(&w, out, inp, wq),
+                });
+            } else {
+                if w.is_empty() {
+                    // Codes were provided, but this backend runs the layer dense.
+                    w = weight.to_f32();
+                    if self.precision != CudaPrecision::F32 {
+                        round_host(&mut w);
+                    }
+                }
+                wq.fake_quantize(&mut w, inp);
+            }
         }
         let kind = match &spec.quant {
+            LinearQuant::Fp8WeightOnly { .. } if weight_only_codes.is_some() => {
+                let p = weight_only_codes.take().unwrap_or_else(|| unreachable!());
+                LinearKind::Fp8WeightOnly {
+                    w: self.stream.clone_htod(&p.codes)?,
+                    wscale: self.upload_f32(&p.scales)?,
+                }
+            }
             LinearQuant::None | LinearQuant::Fp8WeightOnly { .. } => match self.precision {
                 CudaPrecision::F32 => LinearKind::F32 {
                     w: self.upload_f32(&w)?,
@@ -1266,6 +1434,7 @@ impl Inner {
             LinearKind::Bf16 { w } => 2 * w.len(),
             LinearKind::Fp8ViaBf16 { w, wscale, .. } => 2 * w.len() + 4 * wscale.len(),
             LinearKind::Fp8 { w, wscale, .. } => w.len() + 4 * wscale.len() + 4,
+            LinearKind::Fp8WeightOnly { w, wscale } => w.len() + 4 * wscale.len(),
         } + bias.as_ref().map_or(0, |b| 4 * b.len());
         self.param_bytes.set(self.param_bytes.get() + wbytes as u64);
         Ok(CudaLinear {
@@ -1335,6 +1504,26 @@ impl Inner {
     }
 
     fn linear_impl(&self, x: &CudaTensor, layer: &CudaLinear) -> Result<CudaTensor> {
+        Ok(self.linear_epilogue(x, layer, false)?.0)
+    }
+
+    /// `gelu(linear(x))` (tanh approximation): GELU in cuBLASLt's epilogue where it takes
+    /// it, else the activation kernel after the layer.
+    fn linear_gelu_impl(&self, x: &CudaTensor, layer: &CudaLinear) -> Result<CudaTensor> {
+        match self.linear_epilogue(x, layer, true)? {
+            (y, true) => Ok(y),
+            (y, false) => self.unary(&y, UNARY_GELU_TANH, 0.0, 0.0),
+        }
+    }
+
+    /// The layer, with GELU fused into cuBLASLt's epilogue when `gelu` asks for it and
+    /// cuBLASLt takes it; returns whether GELU was applied.
+    fn linear_epilogue(
+        &self,
+        x: &CudaTensor,
+        layer: &CudaLinear,
+        gelu: bool,
+    ) -> Result<(CudaTensor, bool)> {
         let (inp, outf) = (layer.spec.in_features, layer.spec.out_features);
         if x.shape.last() != Some(&inp) {
             return Err(bad(format!(
@@ -1406,18 +1595,47 @@ impl Inner {
                         Some(q) => q,
                         None => {
                             let xq = self.alloc::<u8>(n)?;
-                            self.launch(
-                                "quantize_fp8_dev",
-                                Self::grid(n),
-                                &[
-                                    Arg::P(self.tp(x)),
-                                    Arg::P(self.ptr(&xq)),
-                                    Arg::U(n as u64),
-                                    Arg::P(self.ptr(act_scale_dev)),
-                                    Arg::I(fc),
-                                    Arg::I(self.r()),
-                                ],
-                            )?;
+                            // Profiling: the quantize pass is timed on its own too.
+                            let flags = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
+                            let profiling = self.profile.borrow().is_some();
+                            let start = profiling.then(|| self.stream.record_event(flags));
+                            if self.r() == 1 && n.is_multiple_of(8) {
+                                self.launch(
+                                    "quantize_fp8_dev_x8",
+                                    Self::grid(n / 8),
+                                    &[
+                                        Arg::P(self.tp(x)),
+                                        Arg::P(self.ptr(&xq)),
+                                        Arg::U((n / 8) as u64),
+                                        Arg::P(self.ptr(act_scale_dev)),
+                                        Arg::I(fc),
+                                    ],
+                                )?;
+                            } else {
+                                self.launch(
+                                    "quantize_fp8_dev",
+                                    Self::grid(n),
+                                    &[
+                                        Arg::P(self.tp(x)),
+                                        Arg::P(self.ptr(&xq)),
+                                        Arg::U(n as u64),
+                                        Arg::P(self.ptr(act_scale_dev)),
+                                        Arg::I(fc),
+                                        Arg::I(self.r()),
+                                    ],
+                                )?;
+                            }
+                            if let (Some(Ok(start)), Ok(end), Some(p)) = (
+                                start,
+                                self.stream.record_event(flags),
+                                self.profile.borrow_mut().as_mut(),
+                            ) {
+                                p.pending.push((
+                                    format!("quantize fp8 (inside linear) {rows}x{inp}"),
+                                    start,
+                                    end,
+                                ));
+                            }
                             let xq = Arc::new(xq);
                             *self.quant_cache.borrow_mut() = Some(QuantCache {
                                 src: x.buf.clone(),
@@ -1478,6 +1696,30 @@ impl Inner {
                     _tmp_u8 = Some(xq);
                     _tmp_bf16 = Some(xb);
                 }
+                LinearKind::Fp8WeightOnly { w, wscale } if rows <= W8A16_MAX_ROWS => {
+                    return Ok((self.linear_w8a16(x, layer, w, wscale, rows)?, false));
+                }
+                LinearKind::Fp8WeightOnly { w, wscale } => {
+                    // Many rows: a GEMM pays; the weights' values go to a BF16 temporary.
+                    let n = outf * inp;
+                    let wb = self.alloc::<u16>(n)?;
+                    self.launch(
+                        "fp8_rows_to_bf16",
+                        Self::grid(n),
+                        &[
+                            Arg::P(self.ptr(w)),
+                            Arg::P(self.ptr(wscale)),
+                            Arg::P(self.ptr(&wb)),
+                            Arg::U(n as u64),
+                            Arg::I(inp as i32),
+                        ],
+                    )?;
+                    g.a = self.ptr(&wb);
+                    g.a_type = ltsys::cudaDataType::CUDA_R_16BF;
+                    g.b = self.tp(x);
+                    g.b_type = ltsys::cudaDataType::CUDA_R_16BF;
+                    _tmp_bf16 = Some(wb);
+                }
                 LinearKind::Fp8Emulated { w, act, act_scale } => {
                     let xf = self.fake_quantize(x, *act, *act_scale)?;
                     g.a = self.ptr(w);
@@ -1496,16 +1738,19 @@ impl Inner {
         // refuses it once (then the next, at last the kernel below):
         //   FP8: 0 = per-channel weight scale as an outer-vector A scale; 1 = as a
         //        per-row alpha vector; 2 = layers whose channel scales are all equal:
-        //        one scalar A scale. BF16: 3 = bias + BF16 output.
+        //        one scalar A scale. BF16: 3 = bias + BF16 output. Ways 4..8: the same
+        //        with GELU after the bias (tracked apart: a refusal there leaves the
+        //        plain way in use).
         let ways: &[usize] = match layer.kind {
             LinearKind::Fp8 { .. } => &[0, 1, 2],
-            LinearKind::Bf16 { .. } => &[3],
+            LinearKind::Bf16 { .. } | LinearKind::Fp8WeightOnly { .. } => &[3],
             _ => &[],
         };
         if rows > 0 {
             for &way in ways {
+                let slot = way + if gelu { 4 } else { 0 };
                 let mut state = self.fused_epilogue.get();
-                if state[way] == Some(false) {
+                if state[slot] == Some(false) {
                     continue;
                 }
                 let mut epi = GemmEpilogue {
@@ -1519,6 +1764,7 @@ impl Inner {
                         Some(b) if self.r() == 1 => self.ptr(self.bias16(layer, b)?),
                         Some(b) => self.ptr(b),
                     },
+                    gelu,
                     ..GemmEpilogue::default()
                 };
                 match way {
@@ -1540,15 +1786,15 @@ impl Inner {
                 gf.epi = epi;
                 match self.gemm(gf) {
                     Ok(()) => {
-                        state[way] = Some(true);
+                        state[slot] = Some(true);
                         self.fused_epilogue.set(state);
-                        return Ok(self.wrap(shape, out));
+                        return Ok((self.wrap(shape, out), gelu));
                     }
                     Err(e) => {
                         // Nothing was launched (the heuristic or the matmul refused it).
-                        state[way] = Some(false);
+                        state[slot] = Some(false);
                         self.fused_epilogue.set(state);
-                        self.fused_epilogue_error.borrow_mut()[way] = Some(format!(
+                        self.fused_epilogue_error.borrow_mut()[slot] = Some(format!(
                             "layer {} ({}): {e}",
                             layer.spec.name,
                             layer.kind_name()
@@ -1580,6 +1826,44 @@ impl Inner {
                 Arg::U(n as u64),
                 Arg::U(outf as u64),
                 Arg::I(self.r()),
+            ],
+        )?;
+        Ok((self.wrap(shape, out), false))
+    }
+
+    /// [`LinearKind::Fp8WeightOnly`] on few rows: the `linear_w8a16` GEMV.
+    fn linear_w8a16(
+        &self,
+        x: &CudaTensor,
+        layer: &CudaLinear,
+        w: &CudaSlice<u8>,
+        wscale: &CudaSlice<f32>,
+        rows: usize,
+    ) -> Result<CudaTensor> {
+        let (inp, outf) = (layer.spec.in_features, layer.spec.out_features);
+        let mut shape = x.shape.clone();
+        if let Some(l) = shape.last_mut() {
+            *l = outf;
+        }
+        let out = self.talloc(rows * outf)?;
+        // One warp per output channel, 8 warps a block; input rows 4 at a time (W8_ROWS).
+        let cfg = LaunchConfig {
+            grid_dim: (outf.div_ceil(8) as u32, rows.div_ceil(4) as u32, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        self.launch(
+            "linear_w8a16",
+            cfg,
+            &[
+                Arg::P(self.ptr(w)),
+                Arg::P(self.ptr(wscale)),
+                Arg::P(layer.bias.as_ref().map_or(0, |b| self.ptr(b))),
+                Arg::P(self.tp(x)),
+                Arg::P(self.sptr(&out)),
+                Arg::I(rows as i32),
+                Arg::I(inp as i32),
+                Arg::I(outf as i32),
             ],
         )?;
         Ok(self.wrap(shape, out))
@@ -1721,28 +2005,8 @@ impl Inner {
             && b * sq * sk > 0
         {
             // BF16/FP8 precision only: q, k, v and the output are stored as BF16.
-            let out = self.talloc(b * sq * c)?;
-            let (kernel, rows, threads) = flash_variant().kernel();
-            let cfg = LaunchConfig {
-                grid_dim: (sq.div_ceil(rows) as u32, p.heads as u32, b as u32),
-                block_dim: (threads, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            self.launch(
-                kernel,
-                cfg,
-                &[
-                    Arg::P(self.tp(q)),
-                    Arg::P(self.tp(k)),
-                    Arg::P(self.tp(v)),
-                    Arg::P(self.sptr(&out)),
-                    Arg::I(sq as i32),
-                    Arg::I(sk as i32),
-                    Arg::I(p.heads as i32),
-                    Arg::F(p.scale),
-                ],
-            )?;
-            return Ok(self.wrap(qs.clone(), out));
+            let (out, _) = self.flash_attention([q, k, v], None, p.heads, p.scale)?;
+            return Ok(out);
         }
         if d > 64
             && p.bias.is_none()
@@ -1789,6 +2053,91 @@ impl Inner {
             )?;
         }
         Ok(self.wrap(qs.clone(), out))
+    }
+
+    /// Whether [`Inner::flash_attention`] takes two segments (MMDiT's joint attention
+    /// read and written in place): the wgmma kernels do, on Hopper.
+    fn flash_joint(&self) -> bool {
+        self.hopper && flash_variant_for(true).needs_hopper()
+    }
+
+    /// Head-dim-64 flash attention (BF16 storage) of `first` = [q, k, v], each
+    /// `[B, S, H*64]`, optionally followed by a second segment of the same sequence
+    /// (`[B, S2, H*64]`, its rows after the first's: joint attention without a concat;
+    /// only when [`Inner::flash_joint`]). Returns the output rows of each segment.
+    fn flash_attention(
+        &self,
+        first: [&CudaTensor; 3],
+        second: Option<[&CudaTensor; 3]>,
+        heads: usize,
+        scale: f32,
+    ) -> Result<(CudaTensor, Option<CudaTensor>)> {
+        let [q, k, v] = first;
+        let (b, sq1, c) = (q.shape[0], q.shape[1], q.shape[2]);
+        let sk1 = k.shape[1];
+        let (sq2, sk2) = second.map_or((0, 0), |[q2, k2, _]| (q2.shape[1], k2.shape[1]));
+        let fk = flash_variant_for(self.hopper).kernel();
+        let out1 = self.talloc(b * sq1 * c)?;
+        if !fk.wgmma {
+            if second.is_some() {
+                return Err(bad("flash attention: two segments need the wgmma kernels"));
+            }
+            let cfg = LaunchConfig {
+                grid_dim: (sq1.div_ceil(fk.rows) as u32, heads as u32, b as u32),
+                block_dim: (fk.threads, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            self.launch(
+                fk.name,
+                cfg,
+                &[
+                    Arg::P(self.tp(q)),
+                    Arg::P(self.tp(k)),
+                    Arg::P(self.tp(v)),
+                    Arg::P(self.sptr(&out1)),
+                    Arg::I(sq1 as i32),
+                    Arg::I(sk1 as i32),
+                    Arg::I(heads as i32),
+                    Arg::F(scale),
+                ],
+            )?;
+            return Ok((self.wrap(q.shape.clone(), out1), None));
+        }
+        let out2 = match second {
+            Some(_) => Some(self.talloc(b * sq2 * c)?),
+            None => None,
+        };
+        // An absent second segment passes the first's pointers (never read: 0 rows).
+        let [q2, k2, v2] = second.unwrap_or(first);
+        let o2 = out2.as_ref().map_or(self.sptr(&out1), |o| self.sptr(o));
+        let cfg = LaunchConfig {
+            grid_dim: ((sq1 + sq2).div_ceil(fk.rows) as u32, heads as u32, b as u32),
+            block_dim: (fk.threads, 1, 1),
+            shared_mem_bytes: fk.shared_bytes,
+        };
+        self.launch(
+            fk.name,
+            cfg,
+            &[
+                Arg::P(self.tp(q)),
+                Arg::P(self.tp(k)),
+                Arg::P(self.tp(v)),
+                Arg::P(self.sptr(&out1)),
+                Arg::I(sq1 as i32),
+                Arg::I(sk1 as i32),
+                Arg::P(self.tp(q2)),
+                Arg::P(self.tp(k2)),
+                Arg::P(self.tp(v2)),
+                Arg::P(o2),
+                Arg::I(sq2 as i32),
+                Arg::I(sk2 as i32),
+                Arg::I(heads as i32),
+                Arg::F(scale),
+            ],
+        )?;
+        let o1 = self.wrap(q.shape.clone(), out1);
+        let o2 = out2.map(|o| self.wrap(q2.shape.clone(), o));
+        Ok((o1, o2))
     }
 
     /// Attention for large head dims (the VAE's one 512-wide head) as two BF16 GEMMs
@@ -2009,6 +2358,17 @@ impl Inner {
     }
 
     fn linear(&self, x: &CudaTensor, layer: &CudaLinear) -> sd_model::Result<CudaTensor> {
+        self.profile_linear_key(x, layer, "");
+        me(self.linear_impl(x, layer))
+    }
+
+    fn linear_gelu(&self, x: &CudaTensor, layer: &CudaLinear) -> sd_model::Result<CudaTensor> {
+        self.profile_linear_key(x, layer, " +gelu");
+        me(self.linear_gelu_impl(x, layer))
+    }
+
+    /// The profile's name of a linear operation ("linear fp8 8192x1536->1536").
+    fn profile_linear_key(&self, x: &CudaTensor, layer: &CudaLinear, suffix: &str) {
         if self.profile.borrow().is_some() {
             let kind = match &layer.kind {
                 LinearKind::F32 { .. } => "f32",
@@ -2016,14 +2376,14 @@ impl Inner {
                 LinearKind::Fp8 { .. } => "fp8",
                 LinearKind::Fp8ViaBf16 { .. } => "fp8-via-bf16",
                 LinearKind::Fp8Emulated { .. } => "fp8-emulated",
+                LinearKind::Fp8WeightOnly { .. } => "w8a16",
             };
             let rows = x.numel() / layer.spec.in_features.max(1);
             self.op_key.set(Some(format!(
-                "linear {kind} {}x{}->{}",
+                "linear {kind} {}x{}->{}{suffix}",
                 rows, layer.spec.in_features, layer.spec.out_features
             )));
         }
-        me(self.linear_impl(x, layer))
     }
 
     fn layer_norm(
@@ -2073,7 +2433,38 @@ impl Inner {
         ))?;
         let rows = x.numel() / c.max(1);
         let out = me(self.talloc(x.numel()))?;
-        if rows > 0 {
+        if rows > 0 && self.r() == 1 && c % 8 == 0 && c <= LN_WARP_MAX_CHANNELS {
+            // BF16 storage, rows up to LN_CPL chunks a lane: one warp per row.
+            me(self.launch(
+                "layer_norm_modulate_warp_bf16x8",
+                Self::grid(rows * 32),
+                &[
+                    Arg::P(self.tp(x)),
+                    Arg::P(self.tp(shift)),
+                    Arg::P(self.tp(scale)),
+                    Arg::P(self.sptr(&out)),
+                    Arg::U(rows as u64),
+                    Arg::I(c as i32),
+                    Arg::F(eps),
+                    Arg::U((rows / b.max(1)) as u64),
+                ],
+            ))?;
+        } else if rows > 0 && self.r() == 1 && c % 8 == 0 && c <= 16 * THREADS as usize {
+            // BF16 storage: 16-byte accesses, the row held in registers.
+            me(self.launch(
+                "layer_norm_modulate_bf16x8",
+                Self::rows_cfg(rows, THREADS),
+                &[
+                    Arg::P(self.tp(x)),
+                    Arg::P(self.tp(shift)),
+                    Arg::P(self.tp(scale)),
+                    Arg::P(self.sptr(&out)),
+                    Arg::I(c as i32),
+                    Arg::F(eps),
+                    Arg::U((rows / b.max(1)) as u64),
+                ],
+            ))?;
+        } else if rows > 0 {
             me(self.launch(
                 "layer_norm_modulate_f32",
                 Self::rows_cfg(rows, THREADS),
@@ -2128,8 +2519,22 @@ impl Inner {
         let c = *x.shape.last().unwrap_or(&1);
         let rows = x.numel() / c.max(1);
         let out = me(self.talloc(x.numel()))?;
-        if rows > 0 && c <= 1024 {
-            // Short rows (per-head qk norm: 64 values): one warp per row.
+        // (The row-64 kernel does not loop: one thread per 8 values, within grid()'s cap.)
+        if rows > 0 && c == 64 && self.r() == 1 && rows * 8 <= (THREADS as usize) << 20 {
+            // Per-head qk norm in BF16 storage: 8 threads per row, 16-byte accesses.
+            me(self.launch(
+                "rms_norm_row64_bf16",
+                Self::grid(rows * 8),
+                &[
+                    Arg::P(self.tp(x)),
+                    Arg::P(gamma.map_or(0, |g| self.tp(g))),
+                    Arg::P(self.sptr(&out)),
+                    Arg::U(rows as u64),
+                    Arg::F(eps),
+                ],
+            ))?;
+        } else if rows > 0 && c <= 1024 {
+            // Short rows: one warp per row.
             me(self.launch(
                 "rms_norm_warp_f32",
                 Self::grid(rows * 32),
@@ -2305,11 +2710,53 @@ impl Inner {
         me(self.attention_impl(q, k, v, p))
     }
 
+    /// The joint attention in place (two-segment flash kernel), or None where that
+    /// kernel does not apply (the caller concatenates instead).
+    #[allow(clippy::type_complexity)]
+    fn joint_attention(
+        &self,
+        image: [&CudaTensor; 3],
+        context: [&CudaTensor; 3],
+        p: AttentionParams<'_, CudaTensor>,
+    ) -> sd_model::Result<Option<(CudaTensor, CudaTensor)>> {
+        let [qi, ki, vi] = image;
+        let [qc, kc, vc] = context;
+        let shapes_ok = [qi, ki, vi, qc, kc, vc].iter().all(|t| t.shape.len() == 3)
+            && ki.shape == vi.shape
+            && kc.shape == vc.shape
+            && [ki, qc, kc]
+                .iter()
+                .all(|t| t.shape[0] == qi.shape[0] && t.shape[2] == qi.shape[2])
+            && p.heads > 0
+            && qi.shape[2] == 64 * p.heads;
+        if !(shapes_ok
+            && self.flash.get()
+            && self.flash_joint()
+            && p.bias.is_none()
+            && !p.causal
+            && self.precision != CudaPrecision::F32
+            && qi.numel() > 0
+            && ki.numel() > 0)
+        {
+            return Ok(None);
+        }
+        if self.profile.borrow().is_some() {
+            self.op_key.set(Some(format!(
+                "attention flash joint {}+{}x{}+{} h{} d64",
+                qi.shape[1], qc.shape[1], ki.shape[1], kc.shape[1], p.heads
+            )));
+        }
+        let (o_img, o_ctx) = me(self.flash_attention(image, Some(context), p.heads, p.scale))?;
+        let o_ctx =
+            o_ctx.ok_or_else(|| ModelError::backend("joint attention: no context output"))?;
+        Ok(Some((o_img, o_ctx)))
+    }
+
     fn activation(&self, x: &CudaTensor, act: Activation) -> sd_model::Result<CudaTensor> {
         let op = match act {
             Activation::Silu => 1,
             Activation::Gelu => 2,
-            Activation::GeluTanh => 3,
+            Activation::GeluTanh => UNARY_GELU_TANH,
             Activation::QuickGelu => 4,
             Activation::Relu => 5,
         };
@@ -2351,6 +2798,23 @@ impl Inner {
         let (b, c) = me(Self::batch_channels(&x.shape, &gate.shape, "gated_add"))?;
         let n = x.numel();
         let out = me(self.talloc(n))?;
+        if self.r() == 1 && c % 8 == 0 && n > 0 {
+            // BF16 storage: 8 values (one gate row segment) per thread.
+            me(self.launch(
+                "gated_add_bf16x8",
+                Self::grid(n / 8),
+                &[
+                    Arg::P(self.tp(x)),
+                    Arg::P(self.tp(gate)),
+                    Arg::P(self.tp(y)),
+                    Arg::P(self.sptr(&out)),
+                    Arg::U((n / 8) as u64),
+                    Arg::U((n / b.max(1)) as u64),
+                    Arg::U(c as u64),
+                ],
+            ))?;
+            return Ok(self.wrap(x.shape.clone(), out));
+        }
         me(self.launch(
             "gated_add_f32",
             Self::grid(n),
@@ -2592,21 +3056,23 @@ impl CudaBackend {
                 let _ = rtx.send(f(inner));
                 return;
             }
-            // Profiling: the stream is drained before and after, so the wall time is
-            // this operation's GPU time plus its launch overhead.
-            let _ = inner.stream.synchronize();
-            let t0 = std::time::Instant::now();
+            // Profiling: timing events on the stream before and after the operation's
+            // kernels, read back later (nothing is synchronised in between, so the GPU
+            // time of each operation is measured without launch gaps or host time).
+            let flags = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
+            let start = inner.stream.record_event(flags);
             let r = f(inner);
-            let _ = inner.stream.synchronize();
-            let ms = t0.elapsed().as_secs_f64() * 1e3;
+            let end = inner.stream.record_event(flags);
             let key = inner
                 .op_key
                 .take()
                 .unwrap_or_else(|| op_name(std::any::type_name::<F>()));
-            if let Some(p) = inner.profile.borrow_mut().as_mut() {
-                let e = p.ops.entry(key).or_insert((0, 0.0));
-                e.0 += 1;
-                e.1 += ms;
+            if let (Some(p), Ok(start), Ok(end)) = (inner.profile.borrow_mut().as_mut(), start, end)
+            {
+                p.pending.push((key, start, end));
+                if p.pending.len() >= 4096 {
+                    p.settle();
+                }
             }
             let _ = rtx.send(r);
         });
@@ -2710,6 +3176,9 @@ impl CudaBackend {
     /// milliseconds), longest first.
     pub fn profile(&self) -> Result<Vec<(String, u64, f64)>> {
         self.run(|i| {
+            if let Some(p) = i.profile.borrow_mut().as_mut() {
+                p.settle();
+            }
             let mut v: Vec<(String, u64, f64)> = i
                 .profile
                 .borrow()
@@ -2737,8 +3206,12 @@ impl CudaBackend {
                 "FP8 alpha vector",
                 "FP8 uniform scalar A scale",
                 "BF16",
+                "FP8 outer-vector A scale + GELU",
+                "FP8 alpha vector + GELU",
+                "FP8 uniform scalar A scale + GELU",
+                "BF16 + GELU",
             ];
-            let parts: Vec<String> = (0..4)
+            let parts: Vec<String> = (0..names.len())
                 .map(|w| {
                     let what = match (st[w], err[w].as_ref()) {
                         (Some(true), _) => "used".to_string(),
@@ -2867,17 +3340,20 @@ impl Backend for CudaBackend {
         bias: Option<&WeightTensor<'_>>,
     ) -> sd_model::Result<CudaLinear> {
         let packed = match &spec.quant {
-            LinearQuant::Fp8 { .. } => self
+            LinearQuant::Fp8 { .. } | LinearQuant::Fp8WeightOnly { .. } => self
                 .prepacked
                 .lock()
                 .map_err(|_| ModelError::backend("prepacked weights mutex poisoned"))?
                 .remove(&spec.name),
-            LinearQuant::None | LinearQuant::Fp8WeightOnly { .. } => None,
+            LinearQuant::None => None,
         };
         self.call(|i| i.load_linear(spec, weight, bias, packed))
     }
     fn linear(&self, x: &CudaTensor, layer: &CudaLinear) -> sd_model::Result<CudaTensor> {
         self.call(|i| i.linear(x, layer))
+    }
+    fn linear_gelu(&self, x: &CudaTensor, layer: &CudaLinear) -> sd_model::Result<CudaTensor> {
+        self.call(|i| i.linear_gelu(x, layer))
     }
     fn layer_norm(
         &self,
@@ -2943,6 +3419,17 @@ impl Backend for CudaBackend {
         p: AttentionParams<'_, CudaTensor>,
     ) -> sd_model::Result<CudaTensor> {
         self.call(|i| i.attention(q, k, v, p))
+    }
+    fn joint_attention(
+        &self,
+        image: [&CudaTensor; 3],
+        context: [&CudaTensor; 3],
+        p: AttentionParams<'_, CudaTensor>,
+    ) -> sd_model::Result<(CudaTensor, CudaTensor)> {
+        match self.call(|i| i.joint_attention(image, context, p))? {
+            Some(out) => Ok(out),
+            None => sd_model::backend::joint_attention_by_concat(self, image, context, p),
+        }
     }
     fn activation(&self, x: &CudaTensor, act: Activation) -> sd_model::Result<CudaTensor> {
         self.call(|i| i.activation(x, act))

@@ -67,3 +67,22 @@ fn packed_fp8_weight_dequantizes_to_the_cpu_simulation() {
         }
     }
 }
+
+#[test]
+fn hopper_gets_sm_90a_kernels_and_others_no_wgmma_tiling() {
+    assert_eq!(sd_cuda::arch_for((9, 0)), "sm_90a");
+    assert_eq!(sd_cuda::arch_for((8, 9)), "sm_89");
+    assert_eq!(sd_cuda::arch_for((12, 0)), "sm_120");
+    use sd_cuda::FlashVariant;
+    let hopper_only: Vec<_> = FlashVariant::ALL
+        .iter()
+        .filter(|v| v.needs_hopper())
+        .collect();
+    assert_eq!(hopper_only.len(), 3, "the three wgmma tilings");
+    // A wgmma tiling chosen for the process falls back to mma.sync off Hopper.
+    sd_cuda::set_flash_variant(FlashVariant::Wg3N128);
+    assert_eq!(sd_cuda::flash_variant_for(true), FlashVariant::Wg3N128);
+    assert_eq!(sd_cuda::flash_variant_for(false), FlashVariant::W8M2);
+    sd_cuda::set_flash_variant(FlashVariant::W4M2);
+    assert_eq!(sd_cuda::flash_variant_for(false), FlashVariant::W4M2);
+}

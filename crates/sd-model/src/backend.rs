@@ -143,6 +143,14 @@ pub trait Backend: Send + Sync {
     /// `x [.., in] -> [.., out]`: x·Wᵀ + b, quantized as the layer's spec says.
     fn linear(&self, x: &Self::Tensor, layer: &Self::Linear) -> Result<Self::Tensor>;
 
+    /// `activation(linear(x), GeluTanh)`: the MLP's first layer. The default runs the
+    /// two operations; a GPU backend may apply GELU in the GEMM's epilogue (the
+    /// product is then rounded once, after GELU, instead of before and after).
+    fn linear_gelu(&self, x: &Self::Tensor, layer: &Self::Linear) -> Result<Self::Tensor> {
+        let h = self.linear(x, layer)?;
+        self.activation(&h, Activation::GeluTanh)
+    }
+
     /// Layer norm over the last dimension, optional affine parameters.
     fn layer_norm(
         &self,
@@ -213,6 +221,21 @@ pub trait Backend: Send + Sync {
         v: &Self::Tensor,
         p: AttentionParams<'_, Self::Tensor>,
     ) -> Result<Self::Tensor>;
+
+    /// MMDiT's joint attention: `image` and `context` are each stream's `[q, k, v]`
+    /// (`[B, S_img, H*D]` and `[B, S_ctx, H*D]`), attended as one sequence, image tokens
+    /// first; returns each stream's output rows (`[B, S_img, H*D]`, `[B, S_ctx, H*D]`).
+    /// The default concatenates, runs [`Backend::attention`] and splits
+    /// ([`joint_attention_by_concat`]); a GPU backend reads and writes the streams where
+    /// they are.
+    fn joint_attention(
+        &self,
+        image: [&Self::Tensor; 3],
+        context: [&Self::Tensor; 3],
+        p: AttentionParams<'_, Self::Tensor>,
+    ) -> Result<(Self::Tensor, Self::Tensor)> {
+        joint_attention_by_concat(self, image, context, p)
+    }
 
     fn activation(&self, x: &Self::Tensor, act: Activation) -> Result<Self::Tensor>;
 
@@ -428,6 +451,23 @@ pub trait Backend: Send + Sync {
 }
 
 /// Helper used by model code: a linear layer's spec.
+/// [`Backend::joint_attention`] as concat, attention over the joint sequence, narrow.
+pub fn joint_attention_by_concat<B: Backend + ?Sized>(
+    b: &B,
+    image: [&B::Tensor; 3],
+    context: [&B::Tensor; 3],
+    p: AttentionParams<'_, B::Tensor>,
+) -> Result<(B::Tensor, B::Tensor)> {
+    let [qi, ki, vi] = image;
+    let [qc, kc, vc] = context;
+    let (s_img, s_ctx) = (b.dims(qi)[1], b.dims(qc)[1]);
+    let q = b.concat(&[qi, qc], 1)?;
+    let k = b.concat(&[ki, kc], 1)?;
+    let v = b.concat(&[vi, vc], 1)?;
+    let o = b.attention(&q, &k, &v, p)?;
+    Ok((b.narrow(&o, 1, 0, s_img)?, b.narrow(&o, 1, s_img, s_ctx)?))
+}
+
 pub fn linear_spec(name: &str, in_features: usize, out_features: usize) -> LinearSpec {
     LinearSpec {
         name: name.to_string(),

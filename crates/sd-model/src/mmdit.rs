@@ -93,8 +93,7 @@ impl<B: Backend> FeedForward<B> {
         })
     }
     fn forward(&self, b: &B, x: &B::Tensor) -> Result<B::Tensor> {
-        let h = b.linear(x, &self.up)?;
-        let h = b.activation(&h, Activation::GeluTanh)?;
+        let h = b.linear_gelu(x, &self.up)?;
         b.linear(&h, &self.down)
     }
 }
@@ -218,13 +217,8 @@ impl<B: Backend> JointBlock<B> {
         };
 
         // Joint attention: image tokens first, then context tokens.
-        let s_img = b.dims(x)[1];
-        let s_ctx = b.dims(ctx)[1];
         let (qi, ki, vi) = self.image.project(b, &x_mod, heads)?;
         let (qc, kc, vc) = self.context.project(b, &c_mod, heads)?;
-        let q = b.concat(&[&qi, &qc], 1)?;
-        let k = b.concat(&[&ki, &kc], 1)?;
-        let v = b.concat(&[&vi, &vc], 1)?;
         let scale = 1.0 / ((dim / heads) as f32).sqrt();
         let params = AttentionParams {
             heads,
@@ -232,8 +226,8 @@ impl<B: Backend> JointBlock<B> {
             causal: false,
             bias: None,
         };
-        let o = b.attention(&q, &k, &v, params)?;
-        let o_img = b.linear(&b.narrow(&o, 1, 0, s_img)?, &self.to_out)?;
+        let (o_img, o_ctx) = b.joint_attention([&qi, &ki, &vi], [&qc, &kc, &vc], params)?;
+        let o_img = b.linear(&o_img, &self.to_out)?;
         let mut x = b.gated_add(x, &gate_msa, &o_img)?;
 
         if let Some((proj2, out2)) = &self.attn2 {
@@ -250,7 +244,7 @@ impl<B: Backend> JointBlock<B> {
         let (Some(to_add_out), Some(ff_context)) = (&self.to_add_out, &self.ff_context) else {
             return Ok((x, None));
         };
-        let o_ctx = b.linear(&b.narrow(&o, 1, s_img, s_ctx)?, to_add_out)?;
+        let o_ctx = b.linear(&o_ctx, to_add_out)?;
         let ctx = b.gated_add(ctx, &chunk(&mc, 2)?, &o_ctx)?;
         let h = b.layer_norm_modulate(&ctx, &chunk(&mc, 3)?, &chunk(&mc, 4)?, NORM_EPS)?;
         let ctx = b.gated_add(&ctx, &chunk(&mc, 5)?, &ff_context.forward(b, &h)?)?;
