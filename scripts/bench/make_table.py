@@ -65,7 +65,8 @@ def category(op):
         return "linear other"
     if op.startswith("attention"):
         return "attention"
-    if op in ("layer_norm", "layer_norm_modulate", "rms_norm", "group_norm", "modulate"):
+    if op in ("layer_norm", "layer_norm_modulate", "rms_norm", "group_norm", "modulate",
+              "gated_add_layer_norm_modulate"):
         return "norms + modulate"
     if op in ("activation", "add", "mul", "gated_add", "scale_shift"):
         return "elementwise"

@@ -198,6 +198,15 @@ fn suite<B: Backend>(b: &B, fp8: bool) -> R<Vec<(String, HostTensor)>> {
         "gated_add".into(),
         b.download(&b.gated_add(&xt, &gate, &m)?)?,
     ));
+    let (res, normed) = b.gated_add_layer_norm_modulate(&xt, &gate, &m, &shift, &scale, 1e-6)?;
+    out.push((
+        "gated_add_layer_norm_modulate (fused): residual".into(),
+        b.download(&res)?,
+    ));
+    out.push((
+        "gated_add_layer_norm_modulate (fused): normalized".into(),
+        b.download(&normed)?,
+    ));
     let img = up(&rng.tensor(&[2, 64, 13, 11], 3.0))?;
     let gg = up(&rng.tensor(&[64], 1.0))?;
     let gb = up(&rng.tensor(&[64], 0.5))?;

@@ -194,6 +194,90 @@ extern "C" __global__ void __launch_bounds__(256, 2) layer_norm_modulate_warp_bf
     }
 }
 
+// gated_add_bf16x8 then layer_norm_modulate_warp_bf16x8 of its result, one warp per row:
+// r = x + gate * y is rounded and stored as the residual, and its BF16 values (what the
+// two kernels would read back) feed the same f64 statistics and final arithmetic.
+extern "C" __global__ void __launch_bounds__(256, 2) gated_add_layer_norm_modulate_warp_bf16x8(
+    const __nv_bfloat16* __restrict__ x, const __nv_bfloat16* __restrict__ gate,
+    const __nv_bfloat16* __restrict__ yv, const __nv_bfloat16* __restrict__ shift,
+    const __nv_bfloat16* __restrict__ scale, __nv_bfloat16* __restrict__ res,
+    __nv_bfloat16* __restrict__ y, unsigned long long rows, int c, float eps,
+    unsigned long long rows_per_batch) {
+    const unsigned long long rix = ((unsigned long long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    const int lane = threadIdx.x & 31;
+    if (rix >= rows) return;
+    const unsigned long long row = rix * c;
+    const unsigned long long mod = (rix / rows_per_batch) * c;
+    const int chunks = c / 8;
+    uint4 raw[LN_CPL];
+    double s = 0.0;
+#pragma unroll
+    for (int k = 0; k < LN_CPL; ++k) {
+        const int ch = lane + 32 * k;
+        raw[k] = make_uint4(0u, 0u, 0u, 0u);
+        if (ch >= chunks) continue;
+        const uint4 xa = reinterpret_cast<const uint4*>(x + row)[ch];
+        const uint4 ya = reinterpret_cast<const uint4*>(yv + row)[ch];
+        const uint4 ga = reinterpret_cast<const uint4*>(gate + mod)[ch];
+        const __nv_bfloat162* xh = reinterpret_cast<const __nv_bfloat162*>(&xa);
+        const __nv_bfloat162* yh = reinterpret_cast<const __nv_bfloat162*>(&ya);
+        const __nv_bfloat162* gh = reinterpret_cast<const __nv_bfloat162*>(&ga);
+        unsigned* rp = reinterpret_cast<unsigned*>(&raw[k]);
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            const float2 a = __bfloat1622float2(xh[j]), b = __bfloat1622float2(yh[j]),
+                         g = __bfloat1622float2(gh[j]);
+            const __nv_bfloat162 r2 = __floats2bfloat162_rn(a.x + g.x * b.x, a.y + g.y * b.y);
+            rp[j] = *reinterpret_cast<const unsigned*>(&r2);
+            const float2 r = __bfloat1622float2(r2);
+            s += (double)r.x + (double)r.y;
+        }
+        reinterpret_cast<uint4*>(res + row)[ch] = raw[k];
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+    const double mean = s / c;
+    double v = 0.0;
+#pragma unroll
+    for (int k = 0; k < LN_CPL; ++k) {
+        if (lane + 32 * k >= chunks) continue;
+        const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&raw[k]);
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            const float2 a = __bfloat1622float2(h[j]);
+            const double d0 = (double)a.x - mean, d1 = (double)a.y - mean;
+            v += d0 * d0;
+            v += d1 * d1;
+        }
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    const double inv = 1.0 / sqrt(v / c + (double)eps);
+#pragma unroll
+    for (int k = 0; k < LN_CPL; ++k) {
+        const int ch = lane + 32 * k;
+        if (ch >= chunks) continue;
+        const uint4 sa = reinterpret_cast<const uint4*>(scale + mod)[ch];
+        const uint4 ha = reinterpret_cast<const uint4*>(shift + mod)[ch];
+        const __nv_bfloat162* xh = reinterpret_cast<const __nv_bfloat162*>(&raw[k]);
+        const __nv_bfloat162* sh = reinterpret_cast<const __nv_bfloat162*>(&sa);
+        const __nv_bfloat162* hh = reinterpret_cast<const __nv_bfloat162*>(&ha);
+        uint4 o;
+        unsigned* op = reinterpret_cast<unsigned*>(&o);
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            const float2 a = __bfloat1622float2(xh[j]);
+            const float2 sc = __bfloat1622float2(sh[j]), sf = __bfloat1622float2(hh[j]);
+            const float n0 = sd_round((float)(((double)a.x - mean) * inv), 1);
+            const float n1 = sd_round((float)(((double)a.y - mean) * inv), 1);
+            const __nv_bfloat162 r2 =
+                __floats2bfloat162_rn(n0 * (1.0f + sc.x) + sf.x, n1 * (1.0f + sc.y) + sf.y);
+            op[j] = *reinterpret_cast<const unsigned*>(&r2);
+        }
+        reinterpret_cast<uint4*>(y + row)[ch] = o;
+    }
+}
+
 extern "C" __global__ void rms_norm_f32(const void* __restrict__ x, const void* __restrict__ g,
                                         void* __restrict__ y, int c, float eps, int r) {
     __shared__ double red[32];

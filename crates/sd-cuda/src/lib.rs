@@ -240,6 +240,7 @@ const KERNEL_NAMES: &[&str] = &[
     "gated_add_bf16x8",
     "layer_norm_modulate_bf16x8",
     "layer_norm_modulate_warp_bf16x8",
+    "gated_add_layer_norm_modulate_warp_bf16x8",
     "fp8_rows_to_bf16",
     "rms_norm_warp_f32",
     "group_norm_sum",
@@ -2483,6 +2484,57 @@ impl Inner {
         Ok(self.wrap(x.shape.clone(), out))
     }
 
+    /// The fused gated residual + LayerNorm + modulate (one warp per row), or None where
+    /// that kernel does not apply (the caller runs the two operations).
+    #[allow(clippy::too_many_arguments, clippy::type_complexity)]
+    fn gated_add_layer_norm_modulate(
+        &self,
+        x: &CudaTensor,
+        gate: &CudaTensor,
+        y: &CudaTensor,
+        shift: &CudaTensor,
+        scale: &CudaTensor,
+        eps: f32,
+    ) -> sd_model::Result<Option<(CudaTensor, CudaTensor)>> {
+        let c = *x.shape.last().unwrap_or(&0);
+        let applies = self.r() == 1
+            && x.shape.len() == 3
+            && y.shape == x.shape
+            && c.is_multiple_of(8)
+            && c <= LN_WARP_MAX_CHANNELS
+            && [gate, shift, scale]
+                .iter()
+                .all(|t| t.shape == [x.shape[0], c])
+            && x.numel() > 0;
+        if !applies {
+            return Ok(None);
+        }
+        let rows = x.numel() / c;
+        let res = me(self.talloc(x.numel()))?;
+        let out = me(self.talloc(x.numel()))?;
+        me(self.launch(
+            "gated_add_layer_norm_modulate_warp_bf16x8",
+            Self::grid(rows * 32),
+            &[
+                Arg::P(self.tp(x)),
+                Arg::P(self.tp(gate)),
+                Arg::P(self.tp(y)),
+                Arg::P(self.tp(shift)),
+                Arg::P(self.tp(scale)),
+                Arg::P(self.sptr(&res)),
+                Arg::P(self.sptr(&out)),
+                Arg::U(rows as u64),
+                Arg::I(c as i32),
+                Arg::F(eps),
+                Arg::U(x.shape[1] as u64),
+            ],
+        ))?;
+        Ok(Some((
+            self.wrap(x.shape.clone(), res),
+            self.wrap(x.shape.clone(), out),
+        )))
+    }
+
     fn modulate(
         &self,
         x: &CudaTensor,
@@ -3419,6 +3471,24 @@ impl Backend for CudaBackend {
         p: AttentionParams<'_, CudaTensor>,
     ) -> sd_model::Result<CudaTensor> {
         self.call(|i| i.attention(q, k, v, p))
+    }
+    fn gated_add_layer_norm_modulate(
+        &self,
+        x: &CudaTensor,
+        gate: &CudaTensor,
+        y: &CudaTensor,
+        shift: &CudaTensor,
+        scale: &CudaTensor,
+        eps: f32,
+    ) -> sd_model::Result<(CudaTensor, CudaTensor)> {
+        match self.call(|i| i.gated_add_layer_norm_modulate(x, gate, y, shift, scale, eps))? {
+            Some(out) => Ok(out),
+            None => {
+                let r = self.gated_add(x, gate, y)?;
+                let n = self.layer_norm_modulate(&r, shift, scale, eps)?;
+                Ok((r, n))
+            }
+        }
     }
     fn joint_attention(
         &self,

@@ -183,6 +183,25 @@ pub trait Backend: Send + Sync {
         self.modulate(&n, shift, scale)
     }
 
+    /// The gated residual and the next norm in one: `r = gated_add(x, gate, y)`, then
+    /// `layer_norm_modulate(r, shift, scale, eps)`; returns `(r, normalized)`. The
+    /// default runs the two operations; a GPU backend reads `r` once instead of writing
+    /// it and reading it back.
+    #[allow(clippy::too_many_arguments)]
+    fn gated_add_layer_norm_modulate(
+        &self,
+        x: &Self::Tensor,
+        gate: &Self::Tensor,
+        y: &Self::Tensor,
+        shift: &Self::Tensor,
+        scale: &Self::Tensor,
+        eps: f32,
+    ) -> Result<(Self::Tensor, Self::Tensor)> {
+        let r = self.gated_add(x, gate, y)?;
+        let n = self.layer_norm_modulate(&r, shift, scale, eps)?;
+        Ok((r, n))
+    }
+
     /// RMS norm over the last dimension: `x / sqrt(mean(x²) + eps) * gamma`.
     fn rms_norm(
         &self,

@@ -228,25 +228,39 @@ impl<B: Backend> JointBlock<B> {
         };
         let (o_img, o_ctx) = b.joint_attention([&qi, &ki, &vi], [&qc, &kc, &vc], params)?;
         let o_img = b.linear(&o_img, &self.to_out)?;
-        let mut x = b.gated_add(x, &gate_msa, &o_img)?;
 
-        if let Some((proj2, out2)) = &self.attn2 {
+        // The last residual add of the attention part goes with the MLP's norm.
+        let (x, h) = if let Some((proj2, out2)) = &self.attn2 {
+            let x = b.gated_add(x, &gate_msa, &o_img)?;
             // The same norm of the block input as x_mod (MMDiT-X's second attention).
             let x_mod2 = b.layer_norm_modulate(x_in, &chunk(&m, 6)?, &chunk(&m, 7)?, NORM_EPS)?;
             let (q2, k2, v2) = proj2.project(b, &x_mod2, heads)?;
             let o2 = b.linear(&b.attention(&q2, &k2, &v2, params)?, out2)?;
-            x = b.gated_add(&x, &chunk(&m, 8)?, &o2)?;
-        }
-
-        let h = b.layer_norm_modulate(&x, &shift_mlp, &scale_mlp, NORM_EPS)?;
+            b.gated_add_layer_norm_modulate(
+                &x,
+                &chunk(&m, 8)?,
+                &o2,
+                &shift_mlp,
+                &scale_mlp,
+                NORM_EPS,
+            )?
+        } else {
+            b.gated_add_layer_norm_modulate(x, &gate_msa, &o_img, &shift_mlp, &scale_mlp, NORM_EPS)?
+        };
         let x = b.gated_add(&x, &gate_mlp, &self.ff.forward(b, &h)?)?;
 
         let (Some(to_add_out), Some(ff_context)) = (&self.to_add_out, &self.ff_context) else {
             return Ok((x, None));
         };
         let o_ctx = b.linear(&o_ctx, to_add_out)?;
-        let ctx = b.gated_add(ctx, &chunk(&mc, 2)?, &o_ctx)?;
-        let h = b.layer_norm_modulate(&ctx, &chunk(&mc, 3)?, &chunk(&mc, 4)?, NORM_EPS)?;
+        let (ctx, h) = b.gated_add_layer_norm_modulate(
+            ctx,
+            &chunk(&mc, 2)?,
+            &o_ctx,
+            &chunk(&mc, 3)?,
+            &chunk(&mc, 4)?,
+            NORM_EPS,
+        )?;
         let ctx = b.gated_add(&ctx, &chunk(&mc, 5)?, &ff_context.forward(b, &h)?)?;
         Ok((x, Some(ctx)))
     }
