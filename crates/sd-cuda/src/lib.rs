@@ -2787,9 +2787,9 @@ impl Inner {
             && p.bias.is_none()
             && !p.causal
             && self.precision != CudaPrecision::F32
-            && qi.numel() > 0
-            && ki.numel() > 0)
+            && [qi, ki, qc, kc].iter().all(|t| t.numel() > 0))
         {
+            // (Empty segments, e.g. no context tokens, go the general way.)
             return Ok(None);
         }
         if self.profile.borrow().is_some() {
