@@ -66,13 +66,18 @@ def category(op):
     if op.startswith("attention"):
         return "attention"
     if op in ("layer_norm", "layer_norm_modulate", "rms_norm", "group_norm", "modulate",
-              "gated_add_layer_norm_modulate"):
+              "gated_add_layer_norm_modulate", "group_norm_silu"):
         return "norms + modulate"
     if op in ("activation", "add", "mul", "gated_add", "scale_shift"):
         return "elementwise"
     if op in ("concat", "narrow", "permute", "reshape", "pad_last", "upload", "download"):
         return "layout / copies"
     return "other (" + op + ")"
+
+
+def ratio(num, den):
+    """num / den as "1.23x", or a dash when a figure was not measured in this run."""
+    return f"{num / den:.2f}x" if num and den else "—"
 
 
 def fmt(v, nd=1):
@@ -154,37 +159,37 @@ def main():
         c_ms = comp["step_ms"] if comp else None
         if eager:
             L.append(f"| diffusers eager BF16 | {e_ms:.1f} | 1.00x | "
-                     f"{(c_ms / e_ms if c_ms else 0):.2f}x | {FLOP[model] / e_ms / 1e9:.0f} | "
+                     f"{ratio(c_ms, e_ms)} | {FLOP[model] / e_ms / 1e9:.0f} | "
                      f"{eager.get('peak_gib', '—')} | {eager.get('params_b', 0) * 2 / 1.0737:.2f} |")
         if comp:
             L.append(f"| diffusers torch.compile BF16 ({comp.get('compile_s', '?')} s compile) | "
-                     f"{c_ms:.1f} | {(e_ms / c_ms if e_ms else 0):.2f}x | 1.00x | "
+                     f"{c_ms:.1f} | {ratio(e_ms, c_ms)} | 1.00x | "
                      f"{FLOP[model] / c_ms / 1e9:.0f} | — | — |")
         elif eager:
             L.append("| diffusers torch.compile BF16 | not run in this call | | | | | |")
         for r in sorted(rows, key=lambda r: r["precision"], reverse=True):
             ms = r["step_ms_median"]
             L.append(f"| sd-cuda {r['precision'].upper()} | {ms:.1f} | "
-                     f"{(e_ms / ms if e_ms else 0):.2f}x | {(c_ms / ms if c_ms else 0):.2f}x | "
+                     f"{ratio(e_ms, ms)} | {ratio(c_ms, ms)} | "
                      f"{FLOP[model] / ms / 1e9:.0f} | {r['peak_gib']:.2f} | {r['param_gib']:.2f} |")
             if r.get("step_wall_ms_median"):
                 L[-1] = L[-1].replace(f"| {ms:.1f} |", f"| {ms:.1f} (wall {r['step_wall_ms_median']:.1f}) |", 1)
             if "exact_attention_step_ms" in r:
                 ex = r["exact_attention_step_ms"]
                 L.append(f"| sd-cuda {r['precision'].upper()}, exact attention kernel (before this issue's work) | "
-                         f"{ex:.0f} | {(e_ms / ex if e_ms else 0):.2f}x | {(c_ms / ex if c_ms else 0):.2f}x | "
+                         f"{ex:.0f} | {ratio(e_ms, ex)} | {ratio(c_ms, ex)} | "
                          f"{FLOP[model] / ex / 1e9:.0f} | | |")
         for r in sorted((r for r in variants if r.get("model") == model),
                         key=lambda r: r["precision"], reverse=True):
             ms = r["step_ms_median"]
             L.append(f"| sd-cuda {r['precision'].upper()}, {r.get('variant', 'variant')} | {ms:.1f} | "
-                     f"{(e_ms / ms if e_ms else 0):.2f}x | {(c_ms / ms if c_ms else 0):.2f}x | "
+                     f"{ratio(e_ms, ms)} | {ratio(c_ms, ms)} | "
                      f"{FLOP[model] / ms / 1e9:.0f} | {r['peak_gib']:.2f} | {r['param_gib']:.2f} |")
         for r in sorted((r for r in before if r.get("model") == model),
                         key=lambda r: r["precision"], reverse=True):
             ms = r["step_ms_median"]
             L.append(f"| sd-cuda {r['precision'].upper()} before this change | {ms:.1f} | "
-                     f"{(e_ms / ms if e_ms else 0):.2f}x | {(c_ms / ms if c_ms else 0):.2f}x | "
+                     f"{ratio(e_ms, ms)} | {ratio(c_ms, ms)} | "
                      f"{FLOP[model] / ms / 1e9:.0f} | {r['peak_gib']:.2f} | {r['param_gib']:.2f} |")
         by = {r["precision"]: r for r in rows}
         if "fp8" in by and "bf16" in by:
@@ -249,7 +254,22 @@ def main():
         v = vae[0]
         L.append("\n## VAE decode 1024x1024, batch 1, BF16\n")
         L.append(f"sd-cuda {v['ms_median']:.1f} ms (peak {v['peak_gib']:.2f} GiB)"
-                 + (f"; diffusers eager {pv['ms']:.1f} ms ({pv['ms'] / v['ms_median']:.2f}x)" if pv else "") + ".")
+                 + (f"; diffusers eager {pv['ms']:.1f} ms (sd-cuda / diffusers = "
+                    f"{v['ms_median'] / pv['ms']:.2f}x the time)" if pv else "") + ".")
+        if v.get("conv_path"):
+            L.append(f"\nConvolutions: {v['conv_path']}.")
+        if v.get("im2col_ms_median") is not None:
+            d = v.get("cudnn_vs_im2col", {})
+            L.append(f"\nSame process, convolutions on the im2col + GEMM path (before cuDNN): "
+                     f"{v['im2col_ms_median']:.1f} ms; decoded output cuDNN vs im2col: max rel "
+                     f"{d.get('max_rel', float('nan')):.2e}, rms rel {d.get('rms_rel', float('nan')):.2e}.")
+    for pipe in pipeline:
+        if "t5_exact_attention_ms" in pipe:
+            d = pipe.get("t5_gemm_vs_exact_attention", {})
+            L.append("\n## T5-XXL encoder, one prompt (256 tokens), BF16\n")
+            L.append(f"Biased attention as batched GEMMs: {pipe['t5_ms']:.1f} ms; on the exact "
+                     f"kernel (before, same process): {pipe['t5_exact_attention_ms']:.1f} ms; output "
+                     f"max rel {d.get('max_rel', float('nan')):.2e}, rms rel {d.get('rms_rel', float('nan')):.2e}.")
     if fp8_vs_bf16:
         L.append("\n## FP8 vs BF16 output of one step (random weights)\n")
         for x in fp8_vs_bf16:

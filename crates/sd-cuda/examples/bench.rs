@@ -629,27 +629,45 @@ fn bench_vae(bench: &mut Bench, o: &Opts) -> R<()> {
         drop(y);
         Ok(ms)
     };
+    let image = |b: &CudaBackend| -> R<HostTensor> { Ok(b.download(&vae.decode(b, &z)?)?) };
     dec(&b)?;
     b.reset_peak_memory()?;
     let mut ts: Vec<f64> = (0..o.iters.clamp(1, 3))
         .map(|_| dec(&b))
         .collect::<R<_>>()?;
     let mem = b.memory_stats()?;
+    let conv_path = b.conv_stats()?;
     b.set_profiling(true)?;
     let _ = dec(&b)?;
     let prof = profile_json(&b)?;
     b.set_profiling(false)?;
-    bench.push(
-        "vae",
-        json!({
-            "what": "SD3 VAE decode 1024x1024, batch 1, bf16",
-            "ms_median": (median(&mut ts) * 100.0).round() / 100.0,
-            "iters": ts.len(),
-            "timing": "CUDA events around one decode",
-            "peak_gib": (gib(mem.peak_used) * 1000.0).round() / 1000.0,
-            "profile": prof,
-        }),
-    );
+    let mut rec = json!({
+        "what": "SD3 VAE decode 1024x1024, batch 1, bf16",
+        "ms_median": (median(&mut ts) * 100.0).round() / 100.0,
+        "iters": ts.len(),
+        "timing": "CUDA events around one decode",
+        "peak_gib": (gib(mem.peak_used) * 1000.0).round() / 1000.0,
+        "conv_path": conv_path.to_string(),
+        "conv_problems": conv_path.cudnn_problems,
+        "profile": prof,
+    });
+    // The same decoder on the im2col + GEMM convolutions (the path before cuDNN), in
+    // this process: time and how far its image is from the cuDNN one.
+    if conv_path.cudnn_version.is_some() && !conv_path.cudnn_problems.is_empty() {
+        let with_cudnn = image(&b)?;
+        b.set_cudnn_conv(false)?;
+        dec(&b)?;
+        let mut ts2: Vec<f64> = (0..o.iters.clamp(1, 3))
+            .map(|_| dec(&b))
+            .collect::<R<_>>()?;
+        let with_im2col = image(&b)?;
+        b.set_cudnn_conv(true)?;
+        let (max_rel, rms_rel) = rel_err(&with_cudnn, &with_im2col);
+        rec["im2col_ms_median"] = json!((median(&mut ts2) * 100.0).round() / 100.0);
+        rec["cudnn_vs_im2col"] = json!({"max_rel": max_rel, "rms_rel": rms_rel,
+            "note": "decoded image (random weights), cuDNN vs im2col convolutions"});
+    }
+    bench.push("vae", rec);
     Ok(())
 }
 
@@ -752,6 +770,17 @@ fn bench_pipeline(bench: &mut Bench, o: &Opts, tokenizers: &std::path::Path) -> 
         t5_model.forward(b, &t5_ids, 1)?;
         Ok(())
     })?;
+    // T5 with its biased attention on the exact kernel (the path before the batched GEMM
+    // attention), and how far its output is from the GEMM path's.
+    let t5_gemm_out = b.download(&t5_model.forward(b, &t5_ids, 1)?)?;
+    b.set_flash_attention(false)?;
+    let t5_exact_ms = time(&|| {
+        t5_model.forward(b, &t5_ids, 1)?;
+        Ok(())
+    })?;
+    let t5_exact_out = b.download(&t5_model.forward(b, &t5_ids, 1)?)?;
+    b.set_flash_attention(true)?;
+    let (t5_max_rel, t5_rms_rel) = rel_err(&t5_gemm_out, &t5_exact_out);
     let req = || GenerateRequest {
         prompt: prompt.into(),
         negative_prompt: "blurry".into(),
@@ -784,6 +813,8 @@ fn bench_pipeline(bench: &mut Bench, o: &Opts, tokenizers: &std::path::Path) -> 
             "clip_l_ms": r2(clip_l_ms),
             "clip_g_ms": r2(clip_g_ms),
             "t5_ms": r2(t5_ms),
+            "t5_exact_attention_ms": r2(t5_exact_ms),
+            "t5_gemm_vs_exact_attention": {"max_rel": t5_max_rel, "rms_rel": t5_rms_rel},
             "text_encoders_per_image_ms": r2(2.0 * (clip_l_ms + clip_g_ms + t5_ms)),
             "text_timing": "CUDA events, one prompt (batch 1) per call, median; an image with CFG encodes two prompts",
             "e2e_ms": e2e.iter().map(|&v| r2(v)).collect::<Vec<_>>(),

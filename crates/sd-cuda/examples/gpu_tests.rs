@@ -214,6 +214,20 @@ fn suite<B: Backend>(b: &B, fp8: bool) -> R<Vec<(String, HostTensor)>> {
         "group_norm 32 groups".into(),
         b.download(&b.group_norm(&img, 32, &gg, &gb, 1e-6)?)?,
     ));
+    out.push((
+        "group_norm_silu 32 groups (fused)".into(),
+        b.download(&b.group_norm_silu(&img, 32, &gg, &gb, 1e-6)?)?,
+    ));
+    // Groups of 40960 values: the split (sum, variance, apply) kernels.
+    let big = up(&rng.tensor(&[1, 64, 128, 160], 2.0))?;
+    out.push((
+        "group_norm 32 groups, split".into(),
+        b.download(&b.group_norm(&big, 32, &gg, &gb, 1e-6)?)?,
+    ));
+    out.push((
+        "group_norm_silu 32 groups, split (fused)".into(),
+        b.download(&b.group_norm_silu(&big, 32, &gg, &gb, 1e-6)?)?,
+    ));
 
     // Activations and elementwise.
     for act in [
@@ -295,6 +309,23 @@ fn suite<B: Backend>(b: &B, fp8: bool) -> R<Vec<(String, HostTensor)>> {
             b.download(&b.conv2d(&cx, &w, Some(&bias), p)?)?,
         ));
     }
+    // A VAE stage's shape (128 channels, 3x3, padding 1: tensor-core kernels on cuDNN),
+    // with and without a bias (cuDNN's beta = 1 and beta = 0).
+    let vx = up(&rng.tensor(&[1, 128, 48, 40], 1.0))?;
+    let vw = up(&rng.tensor(&[128, 128, 3, 3], 0.03))?;
+    let vb = up(&rng.tensor(&[128], 0.1))?;
+    let same = Conv2dParams {
+        stride: 1,
+        padding: 1,
+    };
+    out.push((
+        "conv 3x3 128->128 48x40 (VAE-like)".into(),
+        b.download(&b.conv2d(&vx, &vw, Some(&vb), same)?)?,
+    ));
+    out.push((
+        "conv 3x3 128->128 48x40, no bias".into(),
+        b.download(&b.conv2d(&vx, &vw, None, same)?)?,
+    ));
 
     // Attention: small odd sizes, causal (CLIP), bias (T5), joint 4096 + 333 at head dim 64,
     // single-head VAE style.
@@ -334,6 +365,12 @@ fn suite<B: Backend>(b: &B, fp8: bool) -> R<Vec<(String, HostTensor)>> {
     out.push((
         "attention bias 1x13 h4 d64 (T5)".into(),
         att(1, 13, 13, 4, 64, false, true, &mut rng)?,
+    ));
+    // T5's length: the bias takes the batched-GEMM path (sk a multiple of 8), two
+    // batch entries sharing the bias.
+    out.push((
+        "attention bias 2x256 h4 d64 (T5 length, GEMM path)".into(),
+        att(2, 256, 256, 4, 64, false, true, &mut rng)?,
     ));
     out.push((
         "attention vae 1x64 h1 d96".into(),
@@ -668,6 +705,16 @@ fn run(rep: &mut Report, model: &PathBuf) -> R<()> {
     let cpu16 = suite(&CpuBackend::new(ComputePrecision::Bf16), fp8_ok)?;
     let gpu16 = suite(&gl, fp8_ok)?;
     compare(rep, "bf16", &cpu16, &gpu16, 1e-2);
+    let conv = gl.conv_stats()?;
+    if conv.cudnn_version.is_some() {
+        rep.check(
+            "bf16 convolutions on cuDNN",
+            conv.refused_problems.is_empty(),
+            format!("{conv}: {}", conv.cudnn_problems.join("; ")),
+        );
+    } else {
+        rep.line(format!("info: bf16 convolutions: {conv}"));
+    }
     if fp8_ok {
         let gx = CudaBackend::new(0, CudaPrecision::Fp8)?.with_fp8_gemm(Fp8Gemm::ExactViaBf16);
         let gpux = suite(&gx, true)?;

@@ -673,16 +673,21 @@ SD_FLASH_WG(flash_wg3_n128, 3, 128)
 SD_FLASH_WG(flash_wg2_n64, 2, 64)
 
 // Row softmax for the GEMM attention path (large head dims: the VAE's single 512-wide
-// head): s [rows, n] f32 scores (already scaled) -> p [rows, n] BF16 probabilities, in
-// the exact kernel's order (max, f64 sum, exp(s - max) * (1 / sum)). One block per row.
-extern "C" __global__ void softmax_rows_bf16(const float* __restrict__ s, __nv_bfloat16* __restrict__ p,
-                                             int n) {
+// head; biased attention: T5): s [rows, n] f32 scores (already scaled), plus bias [rows, n]
+// in storage type when given (T5's [H, Sq, Sk], row h * Sq + i) -> p [rows, n] BF16
+// probabilities, in the exact kernel's order (scaled score + bias, max, f64 sum,
+// exp(s - max) * (1 / sum)). One block per row.
+extern "C" __global__ void softmax_rows_bf16(const float* __restrict__ s, const void* __restrict__ bias,
+                                             __nv_bfloat16* __restrict__ p, int n, int r) {
     __shared__ float redf[32];
     __shared__ double redd[32];
-    const float* row = s + (unsigned long long)blockIdx.x * n;
-    __nv_bfloat16* out = p + (unsigned long long)blockIdx.x * n;
+    const unsigned long long base = (unsigned long long)blockIdx.x * n;
+    const float* row = s + base;
+    __nv_bfloat16* out = p + base;
     float m = -__int_as_float(0x7f800000);
-    for (int i = threadIdx.x; i < n; i += blockDim.x) m = fmaxf(m, row[i]);
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+        m = fmaxf(m, bias ? row[i] + sd_ld(bias, base + i, r) : row[i]);
+    }
     for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     if (lane == 0) redf[warp] = m;
@@ -690,7 +695,13 @@ extern "C" __global__ void softmax_rows_bf16(const float* __restrict__ s, __nv_b
     m = lane < (int)(blockDim.x >> 5) ? redf[lane] : -__int_as_float(0x7f800000);
     for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
     double sum = 0.0;
-    for (int i = threadIdx.x; i < n; i += blockDim.x) sum += (double)expf(row[i] - m);
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+        const float v = bias ? row[i] + sd_ld(bias, base + i, r) : row[i];
+        sum += (double)expf(v - m);
+    }
     const float inv = (float)(1.0 / sd_block_sum_d(sum, redd));
-    for (int i = threadIdx.x; i < n; i += blockDim.x) out[i] = __float2bfloat16_rn(expf(row[i] - m) * inv);
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+        const float v = bias ? row[i] + sd_ld(bias, base + i, r) : row[i];
+        out[i] = __float2bfloat16_rn(expf(v - m) * inv);
+    }
 }

@@ -123,6 +123,14 @@ extern "C" __global__ void channel_bias_f32(const float* __restrict__ d, const v
     }
 }
 
+// Fills y [B, C, plane] with bias[c]: a convolution's bias, into which cuDNN then adds
+// the convolution (beta = 1) instead of a separate bias pass over its output.
+extern "C" __global__ void channel_fill(const void* __restrict__ bias, void* __restrict__ y,
+                                        unsigned long long n, unsigned long long plane,
+                                        unsigned long long channels, int r) {
+    SD_GRID_STRIDE(i, n) { sd_cp(y, i, bias, (i / plane) % channels, r); }
+}
+
 extern "C" __global__ void f32_to_bf16(const float* __restrict__ x, __nv_bfloat16* __restrict__ y,
                                        unsigned long long n) {
     SD_GRID_STRIDE(i, n) { y[i] = __float2bfloat16_rn(x[i]); }

@@ -294,10 +294,18 @@ extern "C" __global__ void rms_norm_f32(const void* __restrict__ x, const void* 
 }
 
 // x [B, C, H, W]; block = (entry, group); cg channels of hw pixels each.
+// The stored group-norm value, then SiLU of it when silu != 0 (group_norm_silu: the
+// same values as the norm's stored output passed through the SiLU kernel).
+__device__ __forceinline__ float gn_out(float v, int silu, int r) {
+    if (!silu) return v;
+    v = sd_round(v, r);
+    return v / (1.0f + expf(-v));
+}
+
 extern "C" __global__ void group_norm_f32(const void* __restrict__ x, const void* __restrict__ g,
                                           const void* __restrict__ b, void* __restrict__ y,
                                           int groups, int cg, unsigned long long hw, float eps,
-                                          int r) {
+                                          int silu, int r) {
     __shared__ double red[32];
     const unsigned long long block = (unsigned long long)cg * hw;
     const unsigned long long base = blockIdx.x * block;
@@ -314,7 +322,9 @@ extern "C" __global__ void group_norm_f32(const void* __restrict__ x, const void
     for (unsigned long long i = threadIdx.x; i < block; i += blockDim.x) {
         const int ch = grp * cg + (int)(i / hw);
         sd_st(y, base + i,
-              (float)(((double)sd_ld(x, base + i, r) - mean) * inv) * sd_ld(g, ch, r) + sd_ld(b, ch, r), r);
+              gn_out((float)(((double)sd_ld(x, base + i, r) - mean) * inv) * sd_ld(g, ch, r) + sd_ld(b, ch, r),
+                     silu, r),
+              r);
     }
 }
 
@@ -443,7 +453,8 @@ extern "C" __global__ void group_norm_var(const void* __restrict__ x, const doub
 extern "C" __global__ void group_norm_apply(const void* __restrict__ x, const double* __restrict__ psum,
                                             const double* __restrict__ pvar, const void* __restrict__ g,
                                             const void* __restrict__ bta, void* __restrict__ y,
-                                            int groups, int cg, unsigned long long hw, float eps, int r) {
+                                            int groups, int cg, unsigned long long hw, float eps,
+                                            int silu, int r) {
     __shared__ double st[2];
     const unsigned long long len = (unsigned long long)cg * hw;
     if (threadIdx.x == 0) {
@@ -464,6 +475,8 @@ extern "C" __global__ void group_norm_apply(const void* __restrict__ x, const do
     for (unsigned long long i = a + threadIdx.x; i < b; i += blockDim.x) {
         const int ch = grp * cg + (int)(i / hw);
         sd_st(y, base + i,
-              (float)(((double)sd_ld(x, base + i, r) - mean) * inv) * sd_ld(g, ch, r) + sd_ld(bta, ch, r), r);
+              gn_out((float)(((double)sd_ld(x, base + i, r) - mean) * inv) * sd_ld(g, ch, r) + sd_ld(bta, ch, r),
+                     silu, r),
+              r);
     }
 }

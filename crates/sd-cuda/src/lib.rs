@@ -18,6 +18,7 @@
 //!   handle and its workspace; the `Backend` methods send it jobs and wait for them.
 
 pub mod bundle;
+mod conv;
 mod error;
 pub mod kernels;
 mod tuning;
@@ -36,6 +37,7 @@ use sd_model::backend::{Activation, AttentionParams, Backend, Conv2dParams, Line
 use sd_model::plan::LinearQuant;
 use sd_model::{HostTensor, ModelError, WeightTensor};
 
+pub use conv::ConvStats;
 pub use error::{CudaError, Result};
 pub use kernels::{
     CompiledKernels, KERNEL_SOURCES, compile_kernels, compile_kernels_with, find_cuda_include,
@@ -210,6 +212,12 @@ const UNARY_GELU_TANH: i32 = 3;
 /// reads the weights once per 4 rows; past this a BF16 GEMM on dequantized weights wins).
 const W8A16_MAX_ROWS: usize = 16;
 
+/// The kernels [`CudaBackend::new`] looks up in the compiled modules (CI checks that
+/// each is an entry of the PTX).
+pub fn kernel_names() -> &'static [&'static str] {
+    KERNEL_NAMES
+}
+
 const KERNEL_NAMES: &[&str] = &[
     "unary_f32",
     "binary_f32",
@@ -217,6 +225,7 @@ const KERNEL_NAMES: &[&str] = &[
     "gated_add_f32",
     "linear_epilogue_f32",
     "channel_bias_f32",
+    "channel_fill",
     "f32_to_bf16",
     "layer_norm_f32",
     "layer_norm_modulate_f32",
@@ -290,6 +299,43 @@ struct Gemm {
     alpha: f32,
     /// Work cuBLASLt does in its epilogue instead of a separate kernel.
     epi: GemmEpilogue,
+    /// Several GEMMs of one shape in one launch (attention heads).
+    batch: GemmBatch,
+}
+
+/// A strided batch: `count` GEMMs, the i-th reading A, B and writing D at `i * stride_*`
+/// elements from the given pointers (cuBLASLt's `STRIDED_BATCH_OFFSET`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct GemmBatch {
+    count: i32,
+    stride_a: i64,
+    stride_b: i64,
+    stride_d: i64,
+}
+
+impl GemmBatch {
+    const ONE: Self = Self {
+        count: 1,
+        stride_a: 0,
+        stride_b: 0,
+        stride_d: 0,
+    };
+}
+
+/// The largest power of two (up to cuBLASLt's default assumption of 256) that divides
+/// every byte address one operand of a strided batch takes: base + i * stride.
+fn batch_alignment(ptr: u64, stride_elems: i64, elem_bytes: u64) -> u32 {
+    let stride = stride_elems.unsigned_abs() * elem_bytes;
+    let combined = ptr | stride | 256;
+    1 << combined.trailing_zeros().min(8)
+}
+
+fn dtype_bytes(t: ltsys::cudaDataType) -> u64 {
+    match t {
+        ltsys::cudaDataType::CUDA_R_32F => 4,
+        ltsys::cudaDataType::CUDA_R_16BF | ltsys::cudaDataType::CUDA_R_16F => 2,
+        _ => 1,
+    }
 }
 
 /// A fused GEMM epilogue: `D = round(alpha * a_scale[m] * b_scale * (A B) + bias[m])`
@@ -366,8 +412,9 @@ struct Inner {
     hopper: bool,
     build_id: String,
     fp8_gemm: std::cell::Cell<Fp8Gemm>,
-    /// Flash attention for head dim 64 without mask or bias (BF16/FP8 precision);
-    /// `SD_CUDA_ATTENTION=exact` keeps the exact kernel everywhere.
+    /// Flash attention for head dim 64 without mask or bias, batched-GEMM attention
+    /// with a bias (BF16/FP8 precision); `SD_CUDA_ATTENTION=exact` keeps the exact
+    /// kernel for both.
     flash: std::cell::Cell<bool>,
     /// Per-operation timing (`CudaBackend::set_profiling`).
     profile: std::cell::RefCell<Option<Profile>>,
@@ -395,6 +442,8 @@ struct Inner {
     /// Bytes of parameters uploaded (linear weights, their scales and biases, other
     /// parameters).
     param_bytes: std::cell::Cell<u64>,
+    /// cuDNN for the BF16 convolutions (opened at the first one; see `conv.rs`).
+    cudnn: std::cell::RefCell<conv::CudnnState>,
 }
 
 /// Sets one cuBLASLt matmul-descriptor attribute to `value`, passing the value's own
@@ -834,6 +883,7 @@ impl Inner {
             act_scale_vecs: std::cell::RefCell::new(HashMap::new()),
             pool,
             param_bytes: std::cell::Cell::new(0),
+            cudnn: std::cell::RefCell::new(conv::CudnnState::initial()),
         })
     }
 
@@ -948,6 +998,14 @@ impl Inner {
         let d_l = lt::create_matrix_layout(g.epi.d_type, g.m, g.n, g.ldd)?;
         let desc = lt::create_matmul_desc(ltsys::cublasComputeType_t::CUBLAS_COMPUTE_32F, f32t)?;
         let pref = lt::create_matmul_pref()?;
+        let batched = g.batch.count > 1;
+        // Each batch entry's operand addresses, not only the first's, must meet the
+        // alignment the chosen kernel assumes (256 bytes unless told otherwise).
+        let align = [
+            batch_alignment(g.a, g.batch.stride_a, dtype_bytes(g.a_type)),
+            batch_alignment(g.b, g.batch.stride_b, dtype_bytes(g.b_type)),
+            batch_alignment(g.d, g.batch.stride_d, dtype_bytes(g.epi.d_type)),
+        ];
         let ws_ptr = self.ptr(&blas.workspace);
         let result = (|| -> Result<()> {
             use ltsys::cublasLtMatmulDescAttributes_t as A;
@@ -955,6 +1013,41 @@ impl Inner {
             // SAFETY: attribute values are passed with their exact sizes; the handles
             // are live until the cleanup below.
             unsafe {
+                if batched {
+                    use ltsys::cublasLtMatmulPreferenceAttributes_t as P;
+                    use ltsys::cublasLtMatrixLayoutAttribute_t as L;
+                    for (layout, stride) in [
+                        (a_l, g.batch.stride_a),
+                        (b_l, g.batch.stride_b),
+                        (d_l, g.batch.stride_d),
+                    ] {
+                        lt::set_matrix_layout_attribute(
+                            layout,
+                            L::CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT,
+                            &g.batch.count as *const i32 as *const c_void,
+                            std::mem::size_of::<i32>(),
+                        )?;
+                        lt::set_matrix_layout_attribute(
+                            layout,
+                            L::CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET,
+                            &stride as *const i64 as *const c_void,
+                            std::mem::size_of::<i64>(),
+                        )?;
+                    }
+                    for (attr, bytes) in [
+                        (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, align[0]),
+                        (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, align[1]),
+                        (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, align[2]),
+                        (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, align[2]),
+                    ] {
+                        lt::set_matmul_pref_attribute(
+                            pref,
+                            attr,
+                            &bytes as *const u32 as *const c_void,
+                            std::mem::size_of::<u32>(),
+                        )?;
+                    }
+                }
                 set_desc(desc, A::CUBLASLT_MATMUL_DESC_TRANSA, &ta)?;
                 set_desc(desc, A::CUBLASLT_MATMUL_DESC_TRANSB, &tb)?;
                 let fast_accum = 0i8;
@@ -1041,6 +1134,13 @@ impl Inner {
                         g.epi.a_scale != 0,
                         g.epi.bias != 0
                     ) + if g.epi.gelu { " gelu" } else { "" }
+                } else {
+                    String::new()
+                } + &if batched {
+                    format!(
+                        " batch {} {} {} {} align {:?}",
+                        g.batch.count, g.batch.stride_a, g.batch.stride_b, g.batch.stride_d, align
+                    )
                 } else {
                     String::new()
                 };
@@ -1553,6 +1653,7 @@ impl Inner {
             b_scale: 0,
             alpha: 1.0,
             epi: GemmEpilogue::default(),
+            batch: GemmBatch::ONE,
         };
         let mut colscale = 0u64;
         // The FP8 layer's activation scale (for the outer-vector B scale).
@@ -1886,8 +1987,32 @@ impl Inner {
         if h + 2 * p.padding < kh || wd + 2 * p.padding < kw {
             return Err(bad("conv2d: kernel larger than padded input"));
         }
-        let ho = (h + 2 * p.padding - kh) / p.stride + 1;
-        let wo = (wd + 2 * p.padding - kw) / p.stride + 1;
+        if let Some(bias) = b
+            && bias.numel() != cout
+        {
+            return Err(bad(format!(
+                "conv2d: bias {:?} for {cout} output channels",
+                bias.shape
+            )));
+        }
+        let problem = conv::ConvProblem {
+            batch: bn,
+            in_channels: cin,
+            height: h,
+            width: wd,
+            out_channels: cout,
+            kernel_h: kh,
+            kernel_w: kw,
+            stride: p.stride,
+            padding: p.padding,
+        };
+        if self.precision != CudaPrecision::F32
+            && bn * cin * cout * h * wd > 0
+            && let Some(y) = self.conv2d_cudnn(x, w, b, &problem)?
+        {
+            return Ok(y);
+        }
+        let (ho, wo) = problem.output_hw();
         let kk = cin * kh * kw;
         // The GEMMs write f32 (the bias is added before the one BF16 rounding).
         let out = self.alloc::<f32>(bn * cout * ho * wo)?;
@@ -1949,6 +2074,7 @@ impl Inner {
                     b_scale: 0,
                     alpha: 1.0,
                     epi: GemmEpilogue::default(),
+                    batch: GemmBatch::ONE,
                 })?;
                 r0 += rows;
             }
@@ -1970,6 +2096,79 @@ impl Inner {
         )?;
         drop(out);
         Ok(self.wrap(vec![bn, cout, ho, wo], y))
+    }
+
+    /// The convolution on cuDNN (BF16 storage), or None when cuDNN is unavailable, turned
+    /// off, or refuses this problem: the caller then runs im2col + GEMM.
+    fn conv2d_cudnn(
+        &self,
+        x: &CudaTensor,
+        w: &CudaTensor,
+        b: Option<&CudaTensor>,
+        p: &conv::ConvProblem,
+    ) -> Result<Option<CudaTensor>> {
+        self.ctx.bind_to_thread()?;
+        let mut state = self.cudnn.borrow_mut();
+        if matches!(*state, conv::CudnnState::Unopened) {
+            *state = match conv::Cudnn::open(self.stream.cu_stream()) {
+                Ok(c) => conv::CudnnState::Ready(Box::new(c)),
+                Err(why) => conv::CudnnState::Unavailable(why),
+            };
+        }
+        let conv::CudnnState::Ready(dnn) = &mut *state else {
+            return Ok(None);
+        };
+        let descs = match conv::ConvDescriptors::new(p) {
+            Ok(d) => d,
+            Err(why) => {
+                dnn.refuse(p, why);
+                return Ok(None);
+            }
+        };
+        let Ok(plan) = dnn.plan(p, &descs) else {
+            return Ok(None);
+        };
+        let (ho, wo) = p.output_hw();
+        let n = p.batch * p.out_channels * ho * wo;
+        let y = self.talloc(n)?;
+        if let Some(bias) = b {
+            // The bias first; cuDNN adds the (BF16-rounded) convolution into it, saving
+            // the separate bias pass over the output.
+            self.launch(
+                "channel_fill",
+                Self::grid(n),
+                &[
+                    Arg::P(self.tp(bias)),
+                    Arg::P(self.sptr(&y)),
+                    Arg::U(n as u64),
+                    Arg::U((ho * wo) as u64),
+                    Arg::U(p.out_channels as u64),
+                    Arg::I(self.r()),
+                ],
+            )?;
+        }
+        let workspace = self.alloc::<u8>(plan.workspace_bytes)?;
+        let beta = if b.is_some() { 1.0 } else { 0.0 };
+        // SAFETY: x, w and y are live BF16 buffers of the shapes `descs` describes (x and
+        // w checked by conv2d_impl, y allocated above), the workspace has the plan's size,
+        // and cuDNN runs on this backend's stream.
+        let run = unsafe {
+            dnn.forward(
+                &descs,
+                &plan,
+                self.tp(x),
+                self.tp(w),
+                self.sptr(&y),
+                self.ptr(&workspace),
+                beta,
+            )
+        };
+        drop(workspace);
+        if let Err(why) = run {
+            dnn.refuse(p, why);
+            return Ok(None);
+        }
+        Ok(Some(self.wrap(vec![p.batch, p.out_channels, ho, wo], y)))
     }
 
     fn attention_impl(
@@ -2009,16 +2208,18 @@ impl Inner {
             let (out, _) = self.flash_attention([q, k, v], None, p.heads, p.scale)?;
             return Ok(out);
         }
-        if d > 64
-            && p.bias.is_none()
+        // Large head dims (the VAE), and T5's biased attention (while fast kernels are
+        // on: `SD_CUDA_ATTENTION=exact` keeps the exact kernel for biases too): GEMMs.
+        if (d > 64 || (p.bias.is_some() && self.flash.get()))
             && !p.causal
             && self.precision != CudaPrecision::F32
-            && sq * sk * 6 <= (2usize << 30)
+            && p.heads * sq * sk * 6 <= (2usize << 30)
+            && p.heads <= i32::MAX as usize
             && d.is_multiple_of(8)
             && sk.is_multiple_of(8)
             && b * sq * sk > 0
         {
-            return self.attention_gemm(q, k, v, b, sq, sk, p.heads, d, p.scale);
+            return self.attention_gemm(q, k, v, p.bias, b, sq, sk, p.heads, d, p.scale);
         }
         let pl = d.div_ceil(32).next_power_of_two();
         if pl > 32 {
@@ -2141,14 +2342,17 @@ impl Inner {
         Ok((o1, o2))
     }
 
-    /// Attention for large head dims (the VAE's one 512-wide head) as two BF16 GEMMs
-    /// around a row softmax: S = scale Q K^T (f32), P = softmax(S) (BF16), O = P V.
+    /// Attention as two BF16 GEMMs around a row softmax, every head in one strided-batch
+    /// GEMM: S = scale Q K^T (+ bias) in f32, P = softmax(S) in BF16, O = P V. For large
+    /// head dims (the VAE's one 512-wide head) and for an additive bias (T5's relative
+    /// positions), which the flash kernels do not take.
     #[allow(clippy::too_many_arguments)]
     fn attention_gemm(
         &self,
         q: &CudaTensor,
         k: &CudaTensor,
         v: &CudaTensor,
+        bias: Option<&CudaTensor>,
         b: usize,
         sq: usize,
         sk: usize,
@@ -2161,61 +2365,80 @@ impl Inner {
         // BF16/FP8 precision only: q, k and v are stored as BF16, the GEMM operands as
         // they are.
         let (qb, kb, vb) = (self.tp(q), self.tp(k), self.tp(v));
-        let sbuf = self.alloc::<f32>(sq * sk)?;
-        let pbuf = self.alloc::<u16>(sq * sk)?;
+        let scores = heads * sq * sk;
+        let sbuf = self.alloc::<f32>(scores)?;
+        let pbuf = self.alloc::<u16>(scores)?;
         let d_raw = self.alloc::<f32>(b * sq * c)?;
+        let (s_ptr, p_ptr) = (self.ptr(&sbuf), self.ptr(&pbuf));
         for bi in 0..b {
-            for h in 0..heads {
-                let qo = ((bi * sq * c + h * d) * 2) as u64;
-                let ko = ((bi * sk * c + h * d) * 2) as u64;
-                // S^T (column-major [sk, sq]) = K Q^T: row-major S [sq, sk].
-                self.gemm(Gemm {
-                    transa: true,
-                    transb: false,
-                    m: sk as u64,
-                    n: sq as u64,
-                    k: d as u64,
-                    a: kb + ko,
-                    a_type: bf,
-                    lda: c as i64,
-                    b: qb + qo,
-                    b_type: bf,
-                    ldb: c as i64,
-                    d: self.ptr(&sbuf),
-                    ldd: sk as i64,
-                    b_scale: 0,
-                    alpha: scale,
-                    epi: GemmEpilogue::default(),
-                })?;
-                self.launch(
-                    "softmax_rows_bf16",
-                    Self::rows_cfg(sq, 512),
-                    &[
-                        Arg::P(self.ptr(&sbuf)),
-                        Arg::P(self.ptr(&pbuf)),
-                        Arg::I(sk as i32),
-                    ],
-                )?;
-                // O^T (column-major [d, sq], ld c) = V^T P^T.
-                self.gemm(Gemm {
-                    transa: false,
-                    transb: false,
-                    m: d as u64,
-                    n: sq as u64,
-                    k: sk as u64,
-                    a: vb + ko,
-                    a_type: bf,
-                    lda: c as i64,
-                    b: self.ptr(&pbuf),
-                    b_type: bf,
-                    ldb: sk as i64,
-                    d: self.ptr(&d_raw) + ((bi * sq * c + h * d) * 4) as u64,
-                    ldd: c as i64,
-                    b_scale: 0,
-                    alpha: 1.0,
-                    epi: GemmEpilogue::default(),
-                })?;
-            }
+            let q_off = (bi * sq * c * 2) as u64;
+            let kv_off = (bi * sk * c * 2) as u64;
+            // S_h^T (column-major [sk, sq]) = K_h Q_h^T: row-major S_h [sq, sk]; head h
+            // reads q and k d columns further and writes sq * sk further.
+            self.gemm(Gemm {
+                transa: true,
+                transb: false,
+                m: sk as u64,
+                n: sq as u64,
+                k: d as u64,
+                a: kb + kv_off,
+                a_type: bf,
+                lda: c as i64,
+                b: qb + q_off,
+                b_type: bf,
+                ldb: c as i64,
+                d: s_ptr,
+                ldd: sk as i64,
+                b_scale: 0,
+                alpha: scale,
+                epi: GemmEpilogue::default(),
+                batch: GemmBatch {
+                    count: heads as i32,
+                    stride_a: d as i64,
+                    stride_b: d as i64,
+                    stride_d: (sq * sk) as i64,
+                },
+            })?;
+            // Rows h * sq + i of S line up with the bias [H, Sq, Sk] (shared by the
+            // batch entries).
+            let rows = heads * sq;
+            self.launch(
+                "softmax_rows_bf16",
+                Self::rows_cfg(rows, if sk <= 1024 { 128 } else { 512 }),
+                &[
+                    Arg::P(s_ptr),
+                    Arg::P(bias.map_or(0, |t| self.tp(t))),
+                    Arg::P(p_ptr),
+                    Arg::I(sk as i32),
+                    Arg::I(self.r()),
+                ],
+            )?;
+            // O_h^T (column-major [d, sq], ld c) = V_h^T P_h^T, head h written d columns
+            // further.
+            self.gemm(Gemm {
+                transa: false,
+                transb: false,
+                m: d as u64,
+                n: sq as u64,
+                k: sk as u64,
+                a: vb + kv_off,
+                a_type: bf,
+                lda: c as i64,
+                b: p_ptr,
+                b_type: bf,
+                ldb: sk as i64,
+                d: self.ptr(&d_raw) + (bi * sq * c * 4) as u64,
+                ldd: c as i64,
+                b_scale: 0,
+                alpha: 1.0,
+                epi: GemmEpilogue::default(),
+                batch: GemmBatch {
+                    count: heads as i32,
+                    stride_a: d as i64,
+                    stride_b: (sq * sk) as i64,
+                    stride_d: d as i64,
+                },
+            })?;
         }
         let n = b * sq * c;
         let out = self.talloc(n)?;
@@ -2625,10 +2848,40 @@ impl Inner {
         beta: &CudaTensor,
         eps: f32,
     ) -> sd_model::Result<CudaTensor> {
+        self.group_norm_act(x, groups, gamma, beta, eps, false)
+    }
+
+    fn group_norm_silu(
+        &self,
+        x: &CudaTensor,
+        groups: usize,
+        gamma: &CudaTensor,
+        beta: &CudaTensor,
+        eps: f32,
+    ) -> sd_model::Result<CudaTensor> {
+        self.group_norm_act(x, groups, gamma, beta, eps, true)
+    }
+
+    /// Group norm, with SiLU applied in the same pass when `silu`.
+    fn group_norm_act(
+        &self,
+        x: &CudaTensor,
+        groups: usize,
+        gamma: &CudaTensor,
+        beta: &CudaTensor,
+        eps: f32,
+        silu: bool,
+    ) -> sd_model::Result<CudaTensor> {
         let s = &x.shape;
         if s.len() != 4 || groups == 0 || !s[1].is_multiple_of(groups) {
             return Err(ModelError::backend(format!(
                 "group_norm: shape {s:?} with {groups} groups"
+            )));
+        }
+        if gamma.numel() != s[1] || beta.numel() != s[1] {
+            return Err(ModelError::backend(format!(
+                "group_norm: {} channels, affine parameters {:?} and {:?}",
+                s[1], gamma.shape, beta.shape
             )));
         }
         let out = me(self.talloc(x.numel()))?;
@@ -2680,6 +2933,7 @@ impl Inner {
                     Arg::I((s[1] / groups) as i32),
                     Arg::U((s[2] * s[3]) as u64),
                     Arg::F(eps),
+                    Arg::I(silu as i32),
                     Arg::I(self.r()),
                 ],
             ))?;
@@ -2697,6 +2951,7 @@ impl Inner {
                 Arg::I((s[1] / groups) as i32),
                 Arg::U((s[2] * s[3]) as u64),
                 Arg::F(eps),
+                Arg::I(silu as i32),
                 Arg::I(self.r()),
             ],
         ))?;
@@ -3210,8 +3465,9 @@ impl CudaBackend {
         })?
     }
 
-    /// Switches the flash-attention kernel (head dim 64, no mask or bias) on or off
-    /// (off: the exact reference kernel everywhere).
+    /// Switches the fast attention paths on or off: the flash kernels (head dim 64, no
+    /// mask or bias) and the batched-GEMM attention for biases (T5). Off: the exact
+    /// reference kernel everywhere but for head dims over 64 (the VAE keeps its GEMMs).
     pub fn set_flash_attention(&self, on: bool) -> Result<()> {
         self.run(|i| i.flash.set(on))
     }
@@ -3275,6 +3531,25 @@ impl CudaBackend {
                 })
                 .collect();
             format!("cuBLASLt epilogue ways: {}", parts.join("; "))
+        })
+    }
+
+    /// Which path the convolutions took: cuDNN (version, algorithm per problem) or
+    /// im2col + GEMM, and why.
+    pub fn conv_stats(&self) -> Result<ConvStats> {
+        self.run(|i| i.cudnn.borrow().stats())
+    }
+
+    /// Runs BF16 convolutions on cuDNN (the default where libcudnn 9 loads) or, with
+    /// `false`, on the im2col + GEMM path (for side-by-side measurements).
+    pub fn set_cudnn_conv(&self, on: bool) -> Result<()> {
+        self.run(|i| {
+            let mut s = i.cudnn.borrow_mut();
+            match (&*s, on) {
+                (conv::CudnnState::Off, true) => *s = conv::CudnnState::Unopened,
+                (_, false) => *s = conv::CudnnState::Off,
+                _ => {}
+            }
         })
     }
 
@@ -3450,6 +3725,16 @@ impl Backend for CudaBackend {
         eps: f32,
     ) -> sd_model::Result<CudaTensor> {
         self.call(|i| i.group_norm(x, groups, gamma, beta, eps))
+    }
+    fn group_norm_silu(
+        &self,
+        x: &CudaTensor,
+        groups: usize,
+        gamma: &CudaTensor,
+        beta: &CudaTensor,
+        eps: f32,
+    ) -> sd_model::Result<CudaTensor> {
+        self.call(|i| i.group_norm_silu(x, groups, gamma, beta, eps))
     }
     fn conv2d(
         &self,

@@ -36,6 +36,15 @@ fn compile_all() {
             k.nvrtc_version.1,
             k.build_id
         );
+        // Every kernel the backend looks up at start is an entry of some module: a
+        // missing or misspelt one would only show as a failed start on a GPU.
+        for name in sd_cuda::kernel_names() {
+            let entry = format!(".entry {name}(");
+            assert!(
+                k.modules.iter().any(|(_, ptx)| ptx.contains(&entry)),
+                "{arch}: kernel {name} is not an entry of any module"
+            );
+        }
         ids.push(k.build_id);
     }
     assert_ne!(ids[0], ids[1], "build ids must differ per arch");

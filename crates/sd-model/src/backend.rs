@@ -220,6 +220,21 @@ pub trait Backend: Send + Sync {
         eps: f32,
     ) -> Result<Self::Tensor>;
 
+    /// `silu(group_norm(x))` (the VAE's resnet and output norms): two operations by
+    /// default; a backend may fuse them, applying SiLU to the norm's output as that
+    /// operation would have stored it, so the values are the same.
+    fn group_norm_silu(
+        &self,
+        x: &Self::Tensor,
+        groups: usize,
+        gamma: &Self::Tensor,
+        beta: &Self::Tensor,
+        eps: f32,
+    ) -> Result<Self::Tensor> {
+        let n = self.group_norm(x, groups, gamma, beta, eps)?;
+        self.activation(&n, Activation::Silu)
+    }
+
     /// 2-D convolution, `x [B, Cin, H, W]`, `w [Cout, Cin, kh, kw]`, `b [Cout]`.
     fn conv2d(
         &self,

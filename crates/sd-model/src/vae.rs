@@ -1,6 +1,6 @@
 //! The decoder half of `AutoencoderKL` (SD3's 16-channel VAE): latents -> RGB in [-1, 1].
 
-use crate::backend::{Activation, AttentionParams, Backend, Conv2dParams};
+use crate::backend::{AttentionParams, Backend, Conv2dParams};
 use crate::config::VaeConfig;
 use crate::error::{ModelError, Result};
 use crate::load::Loader;
@@ -59,14 +59,10 @@ impl<B: Backend> Resnet<B> {
         })
     }
     fn forward(&self, b: &B, x: &B::Tensor, groups: usize) -> Result<B::Tensor> {
-        let h = b.group_norm(x, groups, &self.norm1.0, &self.norm1.1, EPS)?;
-        let h = self
-            .conv1
-            .forward(b, &b.activation(&h, Activation::Silu)?)?;
-        let h = b.group_norm(&h, groups, &self.norm2.0, &self.norm2.1, EPS)?;
-        let h = self
-            .conv2
-            .forward(b, &b.activation(&h, Activation::Silu)?)?;
+        let h = b.group_norm_silu(x, groups, &self.norm1.0, &self.norm1.1, EPS)?;
+        let h = self.conv1.forward(b, &h)?;
+        let h = b.group_norm_silu(&h, groups, &self.norm2.0, &self.norm2.1, EPS)?;
+        let h = self.conv2.forward(b, &h)?;
         let skip = match &self.shortcut {
             Some(c) => c.forward(b, x)?,
             None => x.clone(),
@@ -231,8 +227,7 @@ impl<B: Backend> VaeDecoder<B> {
                 x = up.forward(b, &b.upsample_nearest2x(&x)?)?;
             }
         }
-        let x = b.group_norm(&x, g, &self.norm_out.0, &self.norm_out.1, EPS)?;
-        self.conv_out
-            .forward(b, &b.activation(&x, Activation::Silu)?)
+        let x = b.group_norm_silu(&x, g, &self.norm_out.0, &self.norm_out.1, EPS)?;
+        self.conv_out.forward(b, &x)
     }
 }

@@ -1,0 +1,484 @@
+//! Convolutions through cuDNN (the VAE decoder's, in BF16 storage).
+//!
+//! The im2col + GEMM path in `lib.rs` writes a `C_in * k * k`-row copy of the input for
+//! every output band and an f32 intermediate: at the SD3 VAE's 1024x1024 stages that is
+//! gigabytes of memory traffic per convolution (85% of a decode). cuDNN's implicit-GEMM
+//! kernels read the input in place. cuDNN is optional: it is opened on the first BF16
+//! convolution, and when the library is missing, or refuses a problem, that problem runs
+//! on im2col as before; [`ConvStats`] says which path each took and why.
+//!
+//! Numerics: x, w and y are BF16 (cuDNN's "pseudo BF16" configuration: f32 accumulation
+//! and f32 alpha/beta). `y` is first filled with the broadcast bias (BF16 values, exact)
+//! and the convolution added with beta = 1. Measured on the H100 (cuDNN 9.14): cuDNN
+//! rounds the convolution to BF16 before adding `beta * y`, so a biased convolution is
+//! rounded twice where the im2col path and the CPU's BF16 mode round conv + bias once:
+//! 28% of the values of a 128-channel 3x3 test convolution differ from the CPU by one
+//! BF16 ulp (0.06% without a bias: accumulation order). The legacy API has no f32
+//! output for BF16 inputs that would avoid it; the tiny models' BF16 images stay at
+//! 43.6-46.1 dB from the CPU's (43.7-46.5 on im2col), bound 35.
+//!
+//! The algorithm comes from cuDNN's heuristic (`cudnnGetConvolutionForwardAlgorithm_v7`),
+//! the first one it ranks that runs, is deterministic and fits the workspace limit: a
+//! choice that depends only on the problem, the GPU and the cuDNN version, so the same
+//! bundle gives bit-identical images on every load (timing algorithms would not).
+
+use std::collections::HashMap;
+use std::ffi::c_int;
+
+use cudarc::cudnn::{result as dnn, sys as dsys};
+
+/// The largest workspace a convolution may take (cuDNN's faster algorithms for the VAE's
+/// 512-channel stages ask for tens of MiB; FFT variants for far more).
+const MAX_WORKSPACE_BYTES: usize = 1 << 30;
+
+/// How many ranked algorithms to ask the heuristic for (cuDNN has 8 forward algorithms).
+const HEURISTIC_RESULTS: usize = 8;
+
+/// One convolution problem: NCHW input, KCRS filter, symmetric padding and stride.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub(crate) struct ConvProblem {
+    pub batch: usize,
+    pub in_channels: usize,
+    pub height: usize,
+    pub width: usize,
+    pub out_channels: usize,
+    pub kernel_h: usize,
+    pub kernel_w: usize,
+    pub stride: usize,
+    pub padding: usize,
+}
+
+impl ConvProblem {
+    /// Output height and width (the caller has checked the kernel fits).
+    pub fn output_hw(&self) -> (usize, usize) {
+        (
+            (self.height + 2 * self.padding - self.kernel_h) / self.stride + 1,
+            (self.width + 2 * self.padding - self.kernel_w) / self.stride + 1,
+        )
+    }
+
+    fn dims(&self) -> Result<[c_int; 9], String> {
+        let v = [
+            self.batch,
+            self.in_channels,
+            self.height,
+            self.width,
+            self.out_channels,
+            self.kernel_h,
+            self.kernel_w,
+            self.stride,
+            self.padding,
+        ];
+        let mut out = [0; 9];
+        for (o, x) in out.iter_mut().zip(v) {
+            *o = c_int::try_from(x).map_err(|_| format!("dimension {x} exceeds cuDNN's int"))?;
+        }
+        Ok(out)
+    }
+}
+
+/// cuDNN's chosen algorithm for a problem and the workspace it needs.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct ConvPlan {
+    pub algo: dsys::cudnnConvolutionFwdAlgo_t,
+    /// The math type the heuristic ranked the algorithm with (set on the descriptor
+    /// before running it, as the workspace size assumes it).
+    pub math: dsys::cudnnMathType_t,
+    pub workspace_bytes: usize,
+}
+
+/// Which path the convolutions took, for reports (`CudaBackend::conv_stats`).
+#[derive(Clone, Debug, Default)]
+pub struct ConvStats {
+    /// cuDNN's version (`cudnnGetVersion`, e.g. 91000 for 9.10.0); None when it was
+    /// not opened (no BF16 convolution yet, turned off, or unavailable).
+    pub cudnn_version: Option<usize>,
+    /// Why cuDNN is not used at all, when it is not.
+    pub unavailable: Option<String>,
+    /// Distinct problems run on cuDNN, with the algorithm chosen.
+    pub cudnn_problems: Vec<String>,
+    /// Distinct problems cuDNN refused (they run on im2col), with the reason.
+    pub refused_problems: Vec<String>,
+}
+
+impl std::fmt::Display for ConvStats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (&self.unavailable, self.cudnn_version) {
+            (Some(why), _) => write!(f, "im2col + GEMM (cuDNN unavailable: {why})"),
+            (None, None) => write!(f, "cuDNN not opened (no BF16 convolution yet)"),
+            (None, Some(v)) => {
+                write!(
+                    f,
+                    "cuDNN {}.{}.{}: {} problem(s) on cuDNN",
+                    v / 10000,
+                    v / 100 % 100,
+                    v % 100,
+                    self.cudnn_problems.len()
+                )?;
+                if !self.refused_problems.is_empty() {
+                    write!(
+                        f,
+                        ", {} on im2col ({})",
+                        self.refused_problems.len(),
+                        self.refused_problems.join("; ")
+                    )?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+fn status(e: dnn::CudnnError) -> String {
+    format!("{:?}", e.0)
+}
+
+/// The descriptors of one problem; destroyed on drop.
+pub(crate) struct ConvDescriptors {
+    pub x: dsys::cudnnTensorDescriptor_t,
+    pub w: dsys::cudnnFilterDescriptor_t,
+    pub conv: dsys::cudnnConvolutionDescriptor_t,
+    pub y: dsys::cudnnTensorDescriptor_t,
+}
+
+impl ConvDescriptors {
+    /// BF16 NCHW tensors, a BF16 KCRS filter, cross-correlation (what every framework
+    /// calls convolution) with f32 compute and tensor-core math.
+    pub fn new(p: &ConvProblem) -> Result<Self, String> {
+        let [n, c, h, w, k, r, s, stride, pad] = p.dims()?;
+        let (ho, wo) = p.output_hw();
+        let (ho, wo) = (ho as c_int, wo as c_int);
+        let bf16 = dsys::cudnnDataType_t::CUDNN_DATA_BFLOAT16;
+        let nchw = dsys::cudnnTensorFormat_t::CUDNN_TENSOR_NCHW;
+        let mut d = Self {
+            x: std::ptr::null_mut(),
+            w: std::ptr::null_mut(),
+            conv: std::ptr::null_mut(),
+            y: std::ptr::null_mut(),
+        };
+        // Each handle is stored as soon as it exists, so Drop frees what was made if a
+        // later step fails.
+        d.x = dnn::create_tensor_descriptor().map_err(status)?;
+        d.w = dnn::create_filter_descriptor().map_err(status)?;
+        d.conv = dnn::create_convolution_descriptor().map_err(status)?;
+        d.y = dnn::create_tensor_descriptor().map_err(status)?;
+        // SAFETY: the descriptors were created above and are live until drop.
+        unsafe {
+            dnn::set_tensor4d_descriptor(d.x, nchw, bf16, [n, c, h, w]).map_err(status)?;
+            dnn::set_filter4d_descriptor(d.w, bf16, nchw, [k, c, r, s]).map_err(status)?;
+            dnn::set_convolution2d_descriptor(
+                d.conv,
+                pad,
+                pad,
+                stride,
+                stride,
+                1,
+                1,
+                dsys::cudnnConvolutionMode_t::CUDNN_CROSS_CORRELATION,
+                dsys::cudnnDataType_t::CUDNN_DATA_FLOAT,
+            )
+            .map_err(status)?;
+            dnn::set_convolution_math_type(d.conv, dsys::cudnnMathType_t::CUDNN_TENSOR_OP_MATH)
+                .map_err(status)?;
+            dnn::set_tensor4d_descriptor(d.y, nchw, bf16, [n, k, ho, wo]).map_err(status)?;
+        }
+        Ok(d)
+    }
+}
+
+impl Drop for ConvDescriptors {
+    fn drop(&mut self) {
+        // SAFETY: each non-null handle was created by this struct and is freed once.
+        unsafe {
+            if !self.x.is_null() {
+                let _ = dnn::destroy_tensor_descriptor(self.x);
+            }
+            if !self.w.is_null() {
+                let _ = dnn::destroy_filter_descriptor(self.w);
+            }
+            if !self.conv.is_null() {
+                let _ = dnn::destroy_convolution_descriptor(self.conv);
+            }
+            if !self.y.is_null() {
+                let _ = dnn::destroy_tensor_descriptor(self.y);
+            }
+        }
+    }
+}
+
+/// cuDNN on one GPU's owner thread: the handle (bound to the backend's stream) and the
+/// plan chosen per problem.
+pub(crate) struct Cudnn {
+    handle: dsys::cudnnHandle_t,
+    version: usize,
+    /// Per problem: the plan, or why cuDNN refused it (then it runs on im2col).
+    plans: HashMap<ConvProblem, Result<ConvPlan, String>>,
+}
+
+impl Cudnn {
+    /// Opens libcudnn and creates a handle on `stream`. Err says why not (the caller
+    /// keeps the im2col path).
+    pub fn open(stream: cudarc::driver::sys::CUstream) -> Result<Self, String> {
+        // SAFETY: only tries to dlopen the library; nothing in cuDNN is called before
+        // it is known to be present (cudarc panics on a missing library).
+        if !unsafe { dsys::is_culib_present() } {
+            return Err(
+                "libcudnn.so.9 not found (install cuDNN 9, e.g. `pip install nvidia-cudnn-cu13`, and add its lib directory to LD_LIBRARY_PATH)"
+                    .into(),
+            );
+        }
+        let version = dnn::get_version();
+        if version < 90000 {
+            return Err(format!("cuDNN {version} is older than 9.0"));
+        }
+        let handle = dnn::create_handle().map_err(|e| format!("cudnnCreate: {}", status(e)))?;
+        // SAFETY: the handle was just created; the stream belongs to the context bound
+        // on this thread and outlives the handle (both are owned by the backend).
+        if let Err(e) = unsafe { dnn::set_stream(handle, stream as dsys::cudaStream_t) } {
+            // SAFETY: created above, destroyed once.
+            let _ = unsafe { dnn::destroy_handle(handle) };
+            return Err(format!("cudnnSetStream: {}", status(e)));
+        }
+        Ok(Self {
+            handle,
+            version,
+            plans: HashMap::new(),
+        })
+    }
+
+    /// The plan for `p` (chosen once, then cached), or why cuDNN does not take it.
+    pub fn plan(&mut self, p: &ConvProblem, d: &ConvDescriptors) -> Result<ConvPlan, String> {
+        if let Some(r) = self.plans.get(p) {
+            return r.clone();
+        }
+        let r = self.choose(d);
+        self.plans.insert(*p, r.clone());
+        r
+    }
+
+    /// Marks `p` as refused (a launch failed): later calls go to im2col at once.
+    pub fn refuse(&mut self, p: &ConvProblem, why: String) {
+        self.plans.insert(*p, Err(why));
+    }
+
+    fn choose(&self, d: &ConvDescriptors) -> Result<ConvPlan, String> {
+        // SAFETY: zeroed perf records are valid (plain C data) and overwritten by cuDNN.
+        let mut perf: [dsys::cudnnConvolutionFwdAlgoPerf_t; HEURISTIC_RESULTS] =
+            unsafe { std::mem::zeroed() };
+        let mut returned: c_int = 0;
+        // SAFETY: the handle and descriptors are live; perf has room for the count given.
+        unsafe {
+            dnn::get_convolution_forward_algorithm(
+                self.handle,
+                d.x,
+                d.w,
+                d.conv,
+                d.y,
+                HEURISTIC_RESULTS as c_int,
+                &mut returned,
+                perf.as_mut_ptr(),
+            )
+        }
+        .map_err(|e| format!("cudnnGetConvolutionForwardAlgorithm_v7: {}", status(e)))?;
+        let ranked = &perf[..(returned.max(0) as usize).min(HEURISTIC_RESULTS)];
+        ranked
+            .iter()
+            .find(|r| {
+                r.status == dsys::cudnnStatus_t::CUDNN_STATUS_SUCCESS
+                    && r.determinism == dsys::cudnnDeterminism_t::CUDNN_DETERMINISTIC
+                    && r.memory <= MAX_WORKSPACE_BYTES
+            })
+            .map(|r| ConvPlan {
+                algo: r.algo,
+                math: r.mathType,
+                workspace_bytes: r.memory,
+            })
+            .ok_or_else(|| {
+                format!(
+                    "no deterministic algorithm within {} MiB among {} ranked",
+                    MAX_WORKSPACE_BYTES >> 20,
+                    ranked.len()
+                )
+            })
+    }
+
+    /// `y = conv(x, w) + beta * y` on the handle's stream.
+    ///
+    /// # Safety
+    /// `x`, `w`, `y` and `workspace` must be live device allocations of the sizes `d`
+    /// and `plan` describe, used on the handle's stream.
+    pub unsafe fn forward(
+        &self,
+        d: &ConvDescriptors,
+        plan: &ConvPlan,
+        x: u64,
+        w: u64,
+        y: u64,
+        workspace: u64,
+        beta: f32,
+    ) -> Result<(), String> {
+        let alpha = 1.0f32;
+        // SAFETY: the descriptor is live (owned by `d`).
+        unsafe { dnn::set_convolution_math_type(d.conv, plan.math) }
+            .map_err(|e| format!("cudnnSetConvolutionMathType: {}", status(e)))?;
+        // SAFETY: per the caller's contract; alpha and beta are f32 host values, as the
+        // pseudo-BF16 configuration takes them.
+        unsafe {
+            dnn::convolution_forward(
+                self.handle,
+                &alpha as *const f32 as *const _,
+                d.x,
+                x as *const _,
+                d.w,
+                w as *const _,
+                d.conv,
+                plan.algo,
+                workspace as *mut _,
+                plan.workspace_bytes,
+                &beta as *const f32 as *const _,
+                d.y,
+                y as *mut _,
+            )
+        }
+        .map_err(|e| format!("cudnnConvolutionForward ({:?}): {}", plan.algo, status(e)))
+    }
+
+    /// Which problems run where, for [`ConvStats`].
+    pub fn stats(&self) -> ConvStats {
+        let mut s = ConvStats {
+            cudnn_version: Some(self.version),
+            ..ConvStats::default()
+        };
+        let mut entries: Vec<_> = self.plans.iter().collect();
+        entries.sort_by_key(|(p, _)| {
+            (
+                p.batch,
+                p.in_channels,
+                p.height,
+                p.width,
+                p.out_channels,
+                p.kernel_h,
+            )
+        });
+        for (p, r) in entries {
+            let what = format!(
+                "{}x{}x{}x{} -> {} k{}x{} s{} p{}",
+                p.batch,
+                p.in_channels,
+                p.height,
+                p.width,
+                p.out_channels,
+                p.kernel_h,
+                p.kernel_w,
+                p.stride,
+                p.padding
+            );
+            match r {
+                Ok(plan) => s
+                    .cudnn_problems
+                    .push(format!("{what}: {:?} ({:?})", plan.algo, plan.math)),
+                Err(why) => s.refused_problems.push(format!("{what}: {why}")),
+            }
+        }
+        s
+    }
+}
+
+impl Drop for Cudnn {
+    fn drop(&mut self) {
+        // SAFETY: created by `open`, destroyed once.
+        let _ = unsafe { dnn::destroy_handle(self.handle) };
+    }
+}
+
+/// cuDNN's state on a backend: opened lazily at the first BF16 convolution.
+pub(crate) enum CudnnState {
+    /// Not tried yet.
+    Unopened,
+    /// Turned off (`SD_CUDA_CONV=im2col` or `CudaBackend::set_cudnn_conv(false)`).
+    Off,
+    Ready(Box<Cudnn>),
+    /// Could not be opened; the reason.
+    Unavailable(String),
+}
+
+impl CudnnState {
+    pub fn initial() -> Self {
+        if std::env::var("SD_CUDA_CONV").as_deref() == Ok("im2col") {
+            Self::Off
+        } else {
+            Self::Unopened
+        }
+    }
+
+    pub fn stats(&self) -> ConvStats {
+        match self {
+            Self::Ready(c) => c.stats(),
+            Self::Unavailable(why) => ConvStats {
+                unavailable: Some(why.clone()),
+                ..ConvStats::default()
+            },
+            Self::Off => ConvStats {
+                unavailable: Some("turned off (SD_CUDA_CONV=im2col or set_cudnn_conv)".into()),
+                ..ConvStats::default()
+            },
+            Self::Unopened => ConvStats::default(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn output_size_matches_the_convolution_arithmetic() {
+        let p = ConvProblem {
+            batch: 1,
+            in_channels: 8,
+            height: 17,
+            width: 19,
+            out_channels: 12,
+            kernel_h: 3,
+            kernel_w: 3,
+            stride: 2,
+            padding: 0,
+        };
+        assert_eq!(p.output_hw(), (8, 9));
+        let same = ConvProblem {
+            stride: 1,
+            padding: 1,
+            ..p
+        };
+        assert_eq!(same.output_hw(), (17, 19));
+    }
+
+    #[test]
+    fn dimensions_beyond_int_are_refused() {
+        let p = ConvProblem {
+            batch: 1,
+            in_channels: 1 << 40,
+            height: 4,
+            width: 4,
+            out_channels: 1,
+            kernel_h: 1,
+            kernel_w: 1,
+            stride: 1,
+            padding: 0,
+        };
+        assert!(p.dims().unwrap_err().contains("exceeds"));
+    }
+
+    #[test]
+    fn stats_say_why_cudnn_is_not_used() {
+        let s = CudnnState::Unavailable("libcudnn.so.9 not found".into()).stats();
+        assert!(s.to_string().contains("libcudnn.so.9 not found"), "{s}");
+        assert!(CudnnState::Off.stats().to_string().contains("turned off"));
+        assert!(
+            CudnnState::Unopened
+                .stats()
+                .to_string()
+                .contains("not opened")
+        );
+    }
+}
