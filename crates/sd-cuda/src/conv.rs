@@ -35,7 +35,7 @@ const MAX_WORKSPACE_BYTES: usize = 1 << 30;
 const HEURISTIC_RESULTS: usize = 8;
 
 /// One convolution problem: NCHW input, KCRS filter, symmetric padding and stride.
-#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, PartialOrd, Ord)]
 pub(crate) struct ConvProblem {
     pub batch: usize,
     pub in_channels: usize,
@@ -46,6 +46,24 @@ pub(crate) struct ConvProblem {
     pub kernel_w: usize,
     pub stride: usize,
     pub padding: usize,
+}
+
+impl std::fmt::Display for ConvProblem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}x{}x{}x{} -> {} k{}x{} s{} p{}",
+            self.batch,
+            self.in_channels,
+            self.height,
+            self.width,
+            self.out_channels,
+            self.kernel_h,
+            self.kernel_w,
+            self.stride,
+            self.padding
+        )
+    }
 }
 
 impl ConvProblem {
@@ -350,29 +368,9 @@ impl Cudnn {
             ..ConvStats::default()
         };
         let mut entries: Vec<_> = self.plans.iter().collect();
-        entries.sort_by_key(|(p, _)| {
-            (
-                p.batch,
-                p.in_channels,
-                p.height,
-                p.width,
-                p.out_channels,
-                p.kernel_h,
-            )
-        });
+        entries.sort_by_key(|(p, _)| **p);
         for (p, r) in entries {
-            let what = format!(
-                "{}x{}x{}x{} -> {} k{}x{} s{} p{}",
-                p.batch,
-                p.in_channels,
-                p.height,
-                p.width,
-                p.out_channels,
-                p.kernel_h,
-                p.kernel_w,
-                p.stride,
-                p.padding
-            );
+            let what = p.to_string();
             match r {
                 Ok(plan) => s
                     .cudnn_problems
@@ -445,6 +443,7 @@ mod tests {
             padding: 0,
         };
         assert_eq!(p.output_hw(), (8, 9));
+        assert_eq!(p.to_string(), "1x8x17x19 -> 12 k3x3 s2 p0");
         let same = ConvProblem {
             stride: 1,
             padding: 1,
