@@ -630,11 +630,11 @@ fn bench_vae(bench: &mut Bench, o: &Opts) -> R<()> {
         Ok(ms)
     };
     let image = |b: &CudaBackend| -> R<HostTensor> { Ok(b.download(&vae.decode(b, &z)?)?) };
+    let timed =
+        |b: &CudaBackend| -> R<Vec<f64>> { (0..o.iters.clamp(1, 3)).map(|_| dec(b)).collect() };
     dec(&b)?;
     b.reset_peak_memory()?;
-    let mut ts: Vec<f64> = (0..o.iters.clamp(1, 3))
-        .map(|_| dec(&b))
-        .collect::<R<_>>()?;
+    let mut ts = timed(&b)?;
     let mem = b.memory_stats()?;
     let conv_path = b.conv_stats()?;
     b.set_profiling(true)?;
@@ -657,9 +657,7 @@ fn bench_vae(bench: &mut Bench, o: &Opts) -> R<()> {
         let with_cudnn = image(&b)?;
         b.set_cudnn_conv(false)?;
         dec(&b)?;
-        let mut ts2: Vec<f64> = (0..o.iters.clamp(1, 3))
-            .map(|_| dec(&b))
-            .collect::<R<_>>()?;
+        let mut ts2 = timed(&b)?;
         let with_im2col = image(&b)?;
         b.set_cudnn_conv(true)?;
         let (max_rel, rms_rel) = rel_err(&with_cudnn, &with_im2col);

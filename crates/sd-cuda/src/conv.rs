@@ -50,19 +50,8 @@ pub(crate) struct ConvProblem {
 
 impl std::fmt::Display for ConvProblem {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "{}x{}x{}x{} -> {} k{}x{} s{} p{}",
-            self.batch,
-            self.in_channels,
-            self.height,
-            self.width,
-            self.out_channels,
-            self.kernel_h,
-            self.kernel_w,
-            self.stride,
-            self.padding
-        )
+        let [n, c, h, w, k, r, s, stride, pad] = self.fields();
+        write!(f, "{n}x{c}x{h}x{w} -> {k} k{r}x{s} s{stride} p{pad}")
     }
 }
 
@@ -75,8 +64,9 @@ impl ConvProblem {
         )
     }
 
-    fn dims(&self) -> Result<[c_int; 9], String> {
-        let v = [
+    /// N, C, H, W, K, R, S, stride, padding: cuDNN's order.
+    fn fields(&self) -> [usize; 9] {
+        [
             self.batch,
             self.in_channels,
             self.height,
@@ -86,9 +76,12 @@ impl ConvProblem {
             self.kernel_w,
             self.stride,
             self.padding,
-        ];
+        ]
+    }
+
+    fn dims(&self) -> Result<[c_int; 9], String> {
         let mut out = [0; 9];
-        for (o, x) in out.iter_mut().zip(v) {
+        for (o, x) in out.iter_mut().zip(self.fields()) {
             *o = c_int::try_from(x).map_err(|_| format!("dimension {x} exceeds cuDNN's int"))?;
         }
         Ok(out)

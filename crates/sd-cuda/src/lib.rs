@@ -998,14 +998,16 @@ impl Inner {
         let d_l = lt::create_matrix_layout(g.epi.d_type, g.m, g.n, g.ldd)?;
         let desc = lt::create_matmul_desc(ltsys::cublasComputeType_t::CUBLAS_COMPUTE_32F, f32t)?;
         let pref = lt::create_matmul_pref()?;
-        let batched = g.batch.count > 1;
         // Each batch entry's operand addresses, not only the first's, must meet the
-        // alignment the chosen kernel assumes (256 bytes unless told otherwise).
-        let align = [
-            batch_alignment(g.a, g.batch.stride_a, dtype_bytes(g.a_type)),
-            batch_alignment(g.b, g.batch.stride_b, dtype_bytes(g.b_type)),
-            batch_alignment(g.d, g.batch.stride_d, dtype_bytes(g.epi.d_type)),
-        ];
+        // alignment the chosen kernel assumes (256 bytes unless told otherwise). Only
+        // batched GEMMs (attention) need it; every linear layer passes here too.
+        let batch_align = (g.batch.count > 1).then(|| {
+            [
+                batch_alignment(g.a, g.batch.stride_a, dtype_bytes(g.a_type)),
+                batch_alignment(g.b, g.batch.stride_b, dtype_bytes(g.b_type)),
+                batch_alignment(g.d, g.batch.stride_d, dtype_bytes(g.epi.d_type)),
+            ]
+        });
         let ws_ptr = self.ptr(&blas.workspace);
         let result = (|| -> Result<()> {
             use ltsys::cublasLtMatmulDescAttributes_t as A;
@@ -1013,7 +1015,7 @@ impl Inner {
             // SAFETY: attribute values are passed with their exact sizes; the handles
             // are live until the cleanup below.
             unsafe {
-                if batched {
+                if let Some(align) = batch_align {
                     use ltsys::cublasLtMatmulPreferenceAttributes_t as P;
                     use ltsys::cublasLtMatrixLayoutAttribute_t as L;
                     for (layout, stride) in [
@@ -1136,14 +1138,12 @@ impl Inner {
                     ) + if g.epi.gelu { " gelu" } else { "" }
                 } else {
                     String::new()
-                } + &if batched {
+                } + &batch_align.map_or(String::new(), |align| {
                     format!(
-                        " batch {} {} {} {} align {:?}",
-                        g.batch.count, g.batch.stride_a, g.batch.stride_b, g.batch.stride_d, align
+                        " batch {} {} {} {} align {align:?}",
+                        g.batch.count, g.batch.stride_a, g.batch.stride_b, g.batch.stride_d
                     )
-                } else {
-                    String::new()
-                };
+                });
                 let (alpha, beta) = (g.alpha, 0.0f32);
                 // With an alpha vector, alpha is its device pointer (beta is zero and
                 // not read).
@@ -3858,5 +3858,20 @@ impl Backend for CudaBackend {
     }
     fn euler_step(&self, x: &CudaTensor, v: &CudaTensor, dt: f32) -> sd_model::Result<CudaTensor> {
         self.call(|i| i.euler_step(x, v, dt))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::batch_alignment;
+
+    #[test]
+    fn batch_alignment_holds_for_every_entry_of_the_batch() {
+        // T5's heads: 64 BF16 values apart (128 bytes) from a 256-aligned base.
+        assert_eq!(batch_alignment(0x10_0000, 64, 2), 128);
+        // A base only 16-byte aligned limits every entry.
+        assert_eq!(batch_alignment(0x10_0010, 64, 2), 16);
+        // Large strides and bases: capped at cuBLASLt's default of 256.
+        assert_eq!(batch_alignment(0x10_0000, 256 * 256, 4), 256);
     }
 }
