@@ -273,7 +273,8 @@ def main():
     if fp8_vs_bf16:
         L.append("\n## FP8 vs BF16 output of one step (random weights)\n")
         for x in fp8_vs_bf16:
-            L.append(f"- {x['model']}: max rel {x['max_rel']:.3e}, rms rel {x['rms_rel']:.3e}")
+            L.append(f"- {x['model']} {x.get('precision', 'fp8').upper()}: max rel {x['max_rel']:.3e}, "
+                     f"rms rel {x['rms_rel']:.3e}")
     for r in ours:
         if "flash_vs_exact_step_output" in r:
             x = r["flash_vs_exact_step_output"]

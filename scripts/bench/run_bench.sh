@@ -32,6 +32,8 @@
 #            peer-text:            peer_text.py (diffusers' text encoders per stage)
 #            tests:                the per-op GPU tests + tiny-model images (gpu_tests)
 #            tests-flash:          the attention tests with the other flash tilings
+#                                  (FLASH_TEST_VARIANTS, default "0 1 2 3 5 6 7")
+#            tests-fastacc:        the same with SD_CUDA_FP8_GEMM=fast-accum
 #            tests-before:         gpu_tests from $SD_BIN/gpu_tests-before (same machine)
 #            tests-shapes:         the tests on models/tiny-sd35m-shapes with the real
 #                                  calibration cache $SD_GPU_TEST_CALIBRATION (if set)
@@ -119,6 +121,11 @@ if [[ "${1:-}" == "--device" ]]; then
             tests) mkdir -p /tmp/gt && $TO "$BIN/gpu_tests" models/tiny-sd35m /tmp/gt >/tmp/gt/log.txt 2>&1;
                    echo "gpu_tests exit $?"; cp /tmp/gt/gpu_tests.txt "$OUT/gpu_tests.txt";
                    grep -E "^(FAIL|PASS)" /tmp/gt/gpu_tests.txt | cut -c1-150 ;;
+            tests-fastacc)
+                   # The suite with FP8 GEMMs in fast accumulation (the engine images' bounds).
+                   mkdir -p /tmp/gtf && SD_CUDA_FP8_GEMM=fast-accum $TO "$BIN/gpu_tests" models/tiny-sd35m /tmp/gtf >/tmp/gtf/log.txt 2>&1;
+                   echo "gpu_tests (fast accumulation) exit $?"; cp /tmp/gtf/gpu_tests.txt "$OUT/gpu_tests-fastacc.txt";
+                   grep -E "^(FAIL|PASS)" /tmp/gtf/gpu_tests.txt | cut -c1-150 ;;
             tests-before)
                    # The same suite built from the engine before a change, same machine.
                    if [[ -x "$BIN/gpu_tests-before" ]]; then
@@ -134,7 +141,7 @@ if [[ "${1:-}" == "--device" ]]; then
                    else echo "SD_GPU_TEST_CALIBRATION not set"; fi ;;
             tests-flash)
                    # The other flash-attention tilings against the CPU too (attention lines).
-                   for fv in 0 1 2 3 5; do
+                   for fv in ${FLASH_TEST_VARIANTS:-0 1 2 3 5 6 7}; do
                        SD_CUDA_FLASH_VARIANT=$fv $TO "$BIN/gpu_tests" models/tiny-sd35m /tmp/gt$fv >/dev/null 2>&1;
                        grep -E "attention" /tmp/gt$fv/gpu_tests.txt | sed "s/^/flash variant $fv: /" | cut -c1-170;
                    done ;;

@@ -34,6 +34,16 @@ pub enum ComputeArg {
     Fp32,
 }
 
+/// How a cuda engine's FP8 GEMMs accumulate.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum Fp8AccumulationArg {
+    /// cuBLASLt's default: partial sums promoted to f32 between K blocks.
+    Promoted,
+    /// cuBLASLt's fast accumulation: the tensor cores' accumulator over the whole K
+    /// (faster; as TensorRT's FP8 GEMMs run).
+    Fast,
+}
+
 #[derive(Args, Debug)]
 pub struct CompileArgs {
     /// Diffusers-format SD3/SD3.5 checkpoint directory.
@@ -56,6 +66,9 @@ pub struct CompileArgs {
     /// them now (faster compile, possibly slower engine).
     #[arg(long)]
     pub no_tuning: bool,
+    /// Cuda target: how the FP8 GEMMs accumulate (stored in the bundle).
+    #[arg(long, value_enum, default_value_t = Fp8AccumulationArg::Promoted)]
+    pub fp8_accumulation: Fp8AccumulationArg,
     /// The bundle directory to write.
     #[arg(long, value_name = "ENGINE")]
     pub out: PathBuf,
@@ -80,6 +93,10 @@ pub fn run(args: CompileArgs) -> Result<()> {
     let cuda = CudaTarget {
         ordinal: args.gpu,
         skip_tuning: args.no_tuning,
+        fp8_gemm: match args.fp8_accumulation {
+            Fp8AccumulationArg::Promoted => sd_cuda::Fp8Gemm::Native,
+            Fp8AccumulationArg::Fast => sd_cuda::Fp8Gemm::NativeFastAccum,
+        },
     };
     if target == Target::Cuda {
         // Before hashing the checkpoint: is there a GPU to compile on?

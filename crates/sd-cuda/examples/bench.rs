@@ -3,10 +3,11 @@
 //! (nothing is downloaded or committed). Driven by `scripts/bench/run_bench.sh`.
 //!
 //! ```text
-//! bench OUT_DIR [--models sd3.5-medium,sd3.5-large] [--precisions fp8,bf16]
+//! bench OUT_DIR [--models sd3.5-medium,sd3.5-large] [--precisions fp8,fp8-fast-accum,bf16]
 //!               [--iters 12] [--warmup 3] [--no-vae] [--no-exact] [--no-attention]
 //!               [--no-pipeline] [--tokenizers models/tiny-sd35m] [--label TEXT]
 //!               [--per-tensor] [--adaln fp8-weights|fp8|high] [--tune-gemms]
+//!               [--fp8-gemm native|fast-accum|exact-via-bf16]
 //! ```
 //!
 //! Timing: CUDA events recorded on the backend's stream before and after one whole
@@ -25,7 +26,9 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::time::Instant;
 
-use sd_cuda::{CudaBackend, CudaPrecision, FlashVariant, flash_variant, set_flash_variant};
+use sd_cuda::{
+    CudaBackend, CudaPrecision, FlashVariant, Fp8Gemm, flash_variant, set_flash_variant,
+};
 use sd_fp8::Fp8Format;
 use sd_model::config::{ClipConfig, SchedulerConfig, T5Config, TransformerConfig, VaeConfig};
 use sd_model::mmdit::Mmdit;
@@ -341,6 +344,8 @@ struct Opts {
     /// Choose GEMM algorithms by timing during the first warm-up step (what `sd-build
     /// compile --target cuda` stores in a bundle) instead of cuBLASLt's heuristic.
     tune_gemms: bool,
+    /// How the FP8 engine's GEMMs accumulate (`--fp8-gemm`).
+    fp8_gemm: Fp8Gemm,
 }
 
 fn profile_json(b: &CudaBackend) -> R<Value> {
@@ -360,17 +365,20 @@ fn bench_transformer(
     outputs: &mut Vec<(String, HostTensor)>,
 ) -> R<()> {
     let cfg = config(model)?;
-    let prec = match precision {
-        "fp8" => CudaPrecision::Fp8,
-        "bf16" => CudaPrecision::Bf16,
-        p => return Err(format!("precision {p}?").into()),
+    // "fp8-fast-accum": the FP8 engine with cuBLASLt's fast accumulation, whatever
+    // `--fp8-gemm` says (so both accumulations can be measured in one process).
+    let (prec, fp8_gemm) = match precision {
+        "fp8" => (CudaPrecision::Fp8, o.fp8_gemm),
+        "fp8-fast-accum" => (CudaPrecision::Fp8, Fp8Gemm::NativeFastAccum),
+        "bf16" => (CudaPrecision::Bf16, o.fp8_gemm),
+        p => return Err(format!("precision {p}? (fp8, fp8-fast-accum or bf16)").into()),
     };
     let plan = if prec == CudaPrecision::Fp8 {
         fp8_plan(&cfg, o.per_tensor, o.adaln)
     } else {
         PrecisionPlan::default()
     };
-    let b = CudaBackend::new(0, prec)?;
+    let b = CudaBackend::new(0, prec)?.with_fp8_gemm(fp8_gemm);
     let t0 = Instant::now();
     let m = Mmdit::load(&b, cfg.clone(), &RandomWeights, &plan)?;
     b.synchronize()?;
@@ -456,6 +464,7 @@ fn bench_transformer(
         "attention": format!("flash (bf16, head dim 64): {}", flash_variant().name()),
         "linear_epilogue": b.fused_epilogue()?,
         "gemm_algorithms": gemm_algorithms,
+        "fp8_gemm": fp8_gemm.name(),
     });
     if let Some(l) = &o.label {
         rec["variant"] = json!(l);
@@ -723,7 +732,7 @@ fn bench_pipeline(bench: &mut Bench, o: &Opts, tokenizers: &std::path::Path) -> 
     };
     let plan = fp8_plan(&configs.transformer, o.per_tensor, o.adaln);
     let toks = Tokenizers::load(tokenizers, true)?;
-    let b = CudaBackend::new(0, CudaPrecision::Fp8)?;
+    let b = CudaBackend::new(0, CudaPrecision::Fp8)?.with_fp8_gemm(o.fp8_gemm);
     let t0 = Instant::now();
     let w = ComponentWeights {
         transformer: &RandomWeights,
@@ -841,6 +850,7 @@ fn main() -> R<()> {
         per_tensor: false,
         adaln: Adaln::Fp8Weights,
         tune_gemms: false,
+        fp8_gemm: Fp8Gemm::from_env()?,
     };
     let mut vae = true;
     let mut attn = true;
@@ -878,6 +888,7 @@ fn main() -> R<()> {
                 }
             }
             "--tune-gemms" => o.tune_gemms = true,
+            "--fp8-gemm" => o.fp8_gemm = Fp8Gemm::parse(&val()?)?,
             "--tokenizers" => tokenizers = PathBuf::from(val()?),
             other => return Err(format!("unknown option {other}").into()),
         }
@@ -901,11 +912,15 @@ fn main() -> R<()> {
                 bench.push("errors", json!(format!("{model} {p}: {e}")));
             }
         }
-        if outs.len() == 2 {
-            let (rel_max, rel_rms) = rel_err(&outs[0].1, &outs[1].1);
+        // Every FP8 engine's output against the BF16 engine's.
+        let bf16 = outs.iter().find(|(name, _)| name.ends_with(" bf16"));
+        for (name, y) in outs.iter().filter(|(name, _)| !name.ends_with(" bf16")) {
+            let Some((_, yb)) = bf16 else { break };
+            let (rel_max, rel_rms) = rel_err(y, yb);
+            let precision = name.rsplit(' ').next().unwrap_or_default();
             bench.push(
                 "fp8_vs_bf16",
-                json!({"model": model, "max_rel": rel_max, "rms_rel": rel_rms,
+                json!({"model": model, "precision": precision, "max_rel": rel_max, "rms_rel": rel_rms,
                        "note": "one step's output, random weights and inputs"}),
             );
         }

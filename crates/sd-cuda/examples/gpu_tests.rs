@@ -594,7 +594,11 @@ fn pipelines(rep: &mut Report, model: &PathBuf, fp8_ok: bool) -> R<()> {
             psnr(&cpu8, &cpu8f)
         ));
         // FP8 layers with FP32 everywhere else: far fewer rounding flips upstream.
-        for mode in [Fp8Gemm::Native, Fp8Gemm::ExactViaBf16] {
+        for mode in [
+            Fp8Gemm::Native,
+            Fp8Gemm::NativeFastAccum,
+            Fp8Gemm::ExactViaBf16,
+        ] {
             let (g, _) = generate(
                 &ckpt,
                 CudaBackend::new(0, CudaPrecision::F32)?.with_fp8_gemm(mode),
@@ -607,7 +611,11 @@ fn pipelines(rep: &mut Report, model: &PathBuf, fp8_ok: bool) -> R<()> {
         }
         // Without classifier-free guidance (no 5x amplification of cond - uncond).
         let (c1, _) = generate_g(&ckpt, CpuBackend::new(ComputePrecision::Bf16), &plan, 1.0)?;
-        for mode in [Fp8Gemm::Native, Fp8Gemm::ExactViaBf16] {
+        for mode in [
+            Fp8Gemm::Native,
+            Fp8Gemm::NativeFastAccum,
+            Fp8Gemm::ExactViaBf16,
+        ] {
             let (g, _) = generate_g(
                 &ckpt,
                 CudaBackend::new(0, CudaPrecision::Fp8)?.with_fp8_gemm(mode),

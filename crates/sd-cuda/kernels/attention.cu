@@ -439,8 +439,11 @@ __device__ __forceinline__ void wg_fence() { asm volatile("wgmma.fence.sync.alig
 __device__ __forceinline__ void wg_commit() {
     asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
 }
-__device__ __forceinline__ void wg_wait0() {
-    asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+// Waits until at most N of this warpgroup's wgmma groups are in flight (the oldest finish
+// first).
+template <int N>
+__device__ __forceinline__ void wg_wait() {
+    asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
 }
 // The compiler does not know that wgmma writes its accumulators (and reads its A
 // registers) asynchronously, until the wait: these empty statements, placed after the
@@ -472,7 +475,7 @@ __device__ __forceinline__ void cp_async16(unsigned dst, const void* src, int by
                  : "memory");
 }
 
-template <int NWG, int BN>
+template <int NWG, int BN, bool OVERLAP>
 __device__ __forceinline__ void flash_wg_impl(
     const __nv_bfloat16* __restrict__ q1, const __nv_bfloat16* __restrict__ k1,
     const __nv_bfloat16* __restrict__ v1, __nv_bfloat16* __restrict__ o1, int sq1, int sk1,
@@ -482,6 +485,9 @@ __device__ __forceinline__ void flash_wg_impl(
     constexpr int NT = NWG * 128;
     constexpr int TILE = BN * 128;  // bytes of one K (or V) tile
     constexpr int NS = BN / 2;      // S accumulators per thread
+    // K/V tile pairs in flight: the next tile loads while this one is computed; with
+    // OVERLAP the previous tile's V is still being read too.
+    constexpr int STAGES = OVERLAP ? 3 : 2;
     extern __shared__ unsigned char fa_smem[];
     const unsigned base = ((unsigned)__cvta_generic_to_shared(fa_smem) + 1023u) & ~1023u;
     const int tid = threadIdx.x, wg = tid >> 7, warp = (tid >> 5) & 3, lane = tid & 31;
@@ -515,9 +521,10 @@ __device__ __forceinline__ void flash_wg_impl(
         }
     }
 
-    // Tile j of K and V into buffer j % 2 (rows past the keys are zero-filled).
-    auto load_tile = [&](int k0, int buf) {
-        const unsigned kt = base + buf * 2 * TILE, vt = kt + TILE;
+    // Tile j of K and V into buffer j % STAGES (rows past the keys are zero-filled).
+    auto load_tile = [&](int j) {
+        const int k0 = j * BN;
+        const unsigned kt = base + (j % STAGES) * 2 * TILE, vt = kt + TILE;
 #pragma unroll
         for (int i0 = 0; i0 < BN * 8; i0 += NT) {
             const int i = i0 + tid;
@@ -535,28 +542,19 @@ __device__ __forceinline__ void flash_wg_impl(
         }
         asm volatile("cp.async.commit_group;\n" ::: "memory");
     };
-
-    float s[NS], o[32];
-#pragma unroll
-    for (int i = 0; i < NS; ++i) s[i] = 0.f;
-#pragma unroll
-    for (int i = 0; i < 32; ++i) o[i] = 0.f;
-    const float NEG_INF = -__int_as_float(0x7f800000);
-    float mA = NEG_INF, mB = NEG_INF, lA = 0.f, lB = 0.f;
-    const float sl2 = scale * 1.4426950408889634f;
-    const int ntiles = (sk + BN - 1) / BN;
-    load_tile(0, 0);
-    for (int j = 0; j < ntiles; ++j) {
+    auto k_tile = [&](int j) { return base + (j % STAGES) * 2 * TILE; };
+    // Tile j's copies (this thread's: the only group in flight) have landed, and
+    // every thread's are visible to wgmma; every warp is done with the iteration before.
+    auto tile_ready = [&]() {
         asm volatile("cp.async.wait_group 0;\n" ::: "memory");
         // cp.async writes through the generic proxy; wgmma reads through the async one.
         asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
         __syncthreads();
-        // Every warp is past tile j - 1 (its MMAs were waited for): its buffer is free.
-        if (j + 1 < ntiles) load_tile((j + 1) * BN, (j + 1) & 1);
-        const unsigned kt = base + (j & 1) * 2 * TILE, vt = kt + TILE;
-
-        // S = Q K^T over d in 4 k-steps of 16 (32 bytes along the swizzled rows).
-        wg_fence();
+    };
+    // S = Q K^T over d in 4 k-steps of 16 (32 bytes along the swizzled rows), issued
+    // (not waited for) as one wgmma group.
+    float s[NS], o[32];
+    auto issue_qk = [&](unsigned kt) {
 #pragma unroll
         for (int ks_ = 0; ks_ < 4; ++ks_) {
             if constexpr (BN == 128) {
@@ -566,11 +564,28 @@ __device__ __forceinline__ void flash_wg_impl(
             }
         }
         wg_commit();
-        wg_wait0();
-        wg_hold(s);
+    };
+    // O += P V over the keys in k-steps of 16 (16 rows = 2048 bytes), one wgmma group.
+    auto issue_pv = [&](const unsigned (&p)[BN / 16][4], unsigned vt) {
+#pragma unroll
+        for (int kk = 0; kk < BN / 16; ++kk) wg_mma_n64_tb(o, p[kk], wg_desc(vt + kk * 2048), 1);
+        wg_commit();
+    };
 
-        // Online softmax (base 2): this thread's rows are g (s[4i], s[4i+1]) and g + 8
-        // (s[4i+2], s[4i+3]), keys 8i + 2t and 8i + 2t + 1.
+#pragma unroll
+    for (int i = 0; i < NS; ++i) s[i] = 0.f;
+#pragma unroll
+    for (int i = 0; i < 32; ++i) o[i] = 0.f;
+    const float NEG_INF = -__int_as_float(0x7f800000);
+    float mA = NEG_INF, mB = NEG_INF, lA = 0.f, lB = 0.f;
+    const float sl2 = scale * 1.4426950408889634f;
+    const int ntiles = (sk + BN - 1) / BN;
+
+    // Online softmax (base 2) of tile j's scores in s: this thread's rows are g
+    // (s[4i], s[4i+1]) and g + 8 (s[4i+2], s[4i+3]), keys 8i + 2t and 8i + 2t + 1.
+    // Writes P (BF16, the A fragments of O += P V), updates the running max and sum, and
+    // returns in alA/alB the factors that rescale O to the new max.
+    auto softmax_tile = [&](int j, unsigned (&p)[BN / 16][4], float& alA, float& alB) {
         const int k0 = j * BN;
         if (k0 + BN > sk) {
 #pragma unroll
@@ -592,11 +607,11 @@ __device__ __forceinline__ void flash_wg_impl(
         mxB = fmaxf(mxB, __shfl_xor_sync(0xffffffffu, mxB, 1));
         mxB = fmaxf(mxB, __shfl_xor_sync(0xffffffffu, mxB, 2));
         const float nmA = fmaxf(mA, mxA * sl2), nmB = fmaxf(mB, mxB * sl2);
-        const float alA = fa_exp2(mA - nmA), alB = fa_exp2(mB - nmB);
+        alA = fa_exp2(mA - nmA);
+        alB = fa_exp2(mB - nmB);
         mA = nmA;
         mB = nmB;
         float sumA = 0.f, sumB = 0.f;
-        unsigned pa[BN / 16][4];
 #pragma unroll
         for (int i = 0; i < NS / 4; ++i) {
             const float p0 = fa_exp2(fmaf(s[4 * i], sl2, -nmA));
@@ -606,11 +621,13 @@ __device__ __forceinline__ void flash_wg_impl(
             sumA += p0 + p1;
             sumB += p2 + p3;
             // Key chunk i is half (i % 2) of k-step i / 2: a0/a1 for keys 0..7, a2/a3 for 8..15.
-            pa[i / 2][(i & 1) * 2 + 0] = fa_pack(p0, p1);
-            pa[i / 2][(i & 1) * 2 + 1] = fa_pack(p2, p3);
+            p[i / 2][(i & 1) * 2 + 0] = fa_pack(p0, p1);
+            p[i / 2][(i & 1) * 2 + 1] = fa_pack(p2, p3);
         }
         lA = lA * alA + sumA;
         lB = lB * alB + sumB;
+    };
+    auto rescale_o = [&](float alA, float alB) {
 #pragma unroll
         for (int i = 0; i < 8; ++i) {
             o[4 * i] *= alA;
@@ -618,13 +635,65 @@ __device__ __forceinline__ void flash_wg_impl(
             o[4 * i + 2] *= alB;
             o[4 * i + 3] *= alB;
         }
+    };
 
-        // O += P V over the keys in k-steps of 16 (16 rows = 2048 bytes).
+    unsigned pa[BN / 16][4];
+    float alA, alB;
+    load_tile(0);
+    if constexpr (!OVERLAP) {
+        // One tile at a time: S, softmax, then O += P V, each waited for.
+        for (int j = 0; j < ntiles; ++j) {
+            tile_ready();
+            // Every warp is past tile j - 1 (its MMAs were waited for): its buffer is free.
+            if (j + 1 < ntiles) load_tile(j + 1);
+            const unsigned kt = k_tile(j);
+            wg_fence();
+            issue_qk(kt);
+            wg_wait<0>();
+            wg_hold(s);
+            softmax_tile(j, pa, alA, alB);
+            rescale_o(alA, alB);
+            wg_fence();
+            issue_pv(pa, kt + TILE);
+            wg_wait<0>();
+            wg_hold(o);
+            wg_hold(pa);
+        }
+    } else {
+        // Software-pipelined within the warpgroup (FlashAttention-3's intra-warpgroup
+        // overlap): S of tile j is issued together with O += P V of tile j - 1, and the
+        // softmax of tile j runs on the CUDA cores while that P V is on the tensor cores.
+        // O is rescaled to tile j's max only once the P V that reads the old scale is done.
+        tile_ready();
+        if (ntiles > 1) load_tile(1);
         wg_fence();
+        issue_qk(k_tile(0));
+        wg_wait<0>();
+        wg_hold(s);
+        softmax_tile(0, pa, alA, alB);  // o is zero: nothing to rescale
+        for (int j = 1; j < ntiles; ++j) {
+            tile_ready();
+            // Every warp has waited for tile j - 2's P V: its buffer is free.
+            if (j + 1 < ntiles) load_tile(j + 1);
+            wg_fence();
+            issue_qk(k_tile(j));
+            issue_pv(pa, k_tile(j - 1) + TILE);
+            wg_wait<1>();  // S of tile j is done; P V may still run
+            wg_hold(s);
+            unsigned pn[BN / 16][4];
+            softmax_tile(j, pn, alA, alB);
+            wg_wait<0>();
+            wg_hold(o);
+            wg_hold(pa);
+            rescale_o(alA, alB);
 #pragma unroll
-        for (int kk = 0; kk < BN / 16; ++kk) wg_mma_n64_tb(o, pa[kk], wg_desc(vt + kk * 2048), 1);
-        wg_commit();
-        wg_wait0();
+            for (int kk = 0; kk < BN / 16; ++kk)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) pa[kk][e] = pn[kk][e];
+        }
+        wg_fence();
+        issue_pv(pa, k_tile(ntiles - 1) + TILE);
+        wg_wait<0>();
         wg_hold(o);
         wg_hold(pa);
     }
@@ -652,25 +721,28 @@ __device__ __forceinline__ void flash_wg_impl(
 #endif  // SD_HAVE_WGMMA
 
 // Variants: flash_wg2_n128 (2 warpgroups = 128 queries per block, 128-key tiles),
-// flash_wg3_n128 (192 queries), flash_wg2_n64 (64-key tiles). Dynamic shared memory:
-// 4 * BN * 128 bytes + 1024 (alignment slack).
+// flash_wg3_n128 (192 queries), flash_wg2_n64 (64-key tiles); the _ov ones overlap the
+// softmax with the tensor cores (3 K/V stages). Dynamic shared memory:
+// 2 * STAGES * BN * 128 bytes + 1024 (alignment slack).
 #ifdef SD_HAVE_WGMMA
-#define SD_FLASH_WG_BODY(NWG, BN) \
-    flash_wg_impl<NWG, BN>(q1, k1, v1, o1, sq1, sk1, q2, k2, v2, o2, sq2, sk2, heads, scale);
+#define SD_FLASH_WG_BODY(NWG, BN, OV) \
+    flash_wg_impl<NWG, BN, OV>(q1, k1, v1, o1, sq1, sk1, q2, k2, v2, o2, sq2, sk2, heads, scale);
 #else
-#define SD_FLASH_WG_BODY(NWG, BN)
+#define SD_FLASH_WG_BODY(NWG, BN, OV)
 #endif
-#define SD_FLASH_WG(NAME, NWG, BN)                                                            \
+#define SD_FLASH_WG(NAME, NWG, BN, OV)                                                        \
     extern "C" __global__ void __launch_bounds__(NWG * 128, 1) NAME(                          \
         const __nv_bfloat16* q1, const __nv_bfloat16* k1, const __nv_bfloat16* v1,            \
         __nv_bfloat16* o1, int sq1, int sk1, const __nv_bfloat16* q2,                         \
         const __nv_bfloat16* k2, const __nv_bfloat16* v2, __nv_bfloat16* o2, int sq2,         \
         int sk2, int heads, float scale) {                                                    \
-        SD_FLASH_WG_BODY(NWG, BN)                                                             \
+        SD_FLASH_WG_BODY(NWG, BN, OV)                                                         \
     }
-SD_FLASH_WG(flash_wg2_n128, 2, 128)
-SD_FLASH_WG(flash_wg3_n128, 3, 128)
-SD_FLASH_WG(flash_wg2_n64, 2, 64)
+SD_FLASH_WG(flash_wg2_n128, 2, 128, false)
+SD_FLASH_WG(flash_wg3_n128, 3, 128, false)
+SD_FLASH_WG(flash_wg2_n64, 2, 64, false)
+SD_FLASH_WG(flash_wg2_n128_ov, 2, 128, true)
+SD_FLASH_WG(flash_wg3_n128_ov, 3, 128, true)
 
 // Row softmax for the GEMM attention path (large head dims: the VAE's single 512-wide
 // head; biased attention: T5): s [rows, n] f32 scores (already scaled), plus bias [rows, n]

@@ -31,7 +31,9 @@ use sd_model::plan::LinearQuant;
 use sd_pipeline::{GenerateRequest, Sd3Pipeline};
 
 use crate::kernels::{CompiledKernels, compile_kernels, kernel_sources_id};
-use crate::{CudaBackend, CudaError, CudaPrecision, PackedFp8Weight, arch_for, check_libraries};
+use crate::{
+    CudaBackend, CudaError, CudaPrecision, Fp8Gemm, PackedFp8Weight, arch_for, check_libraries,
+};
 
 /// Builds the cuda part of a bundle on GPU `ordinal` of this machine.
 #[derive(Clone, Debug, Default)]
@@ -40,6 +42,9 @@ pub struct CudaTarget {
     /// Skip timing GEMM algorithms (the bundle then records none and the loader uses
     /// cuBLASLt's heuristic); for quick test builds.
     pub skip_tuning: bool,
+    /// How the engine's FP8 GEMMs accumulate; recorded in the manifest, so the loader
+    /// runs (and finds the timed algorithms of) the same GEMMs.
+    pub fp8_gemm: Fp8Gemm,
 }
 
 /// The backend precision a bundle runs with.
@@ -134,7 +139,8 @@ impl TargetBuilder for CudaTarget {
             precision_for(manifest.precision, manifest.compute),
             &kernels,
         )
-        .map_err(gpu)?;
+        .map_err(gpu)?
+        .with_fp8_gemm(self.fp8_gemm);
         let cublaslt = backend.cublaslt_version();
         let gemm_algorithms = if self.skip_tuning {
             Default::default()
@@ -155,6 +161,7 @@ impl TargetBuilder for CudaTarget {
             gemm_algorithms,
             kernels: entries,
             kernel_sources: Some(kernel_sources_id()),
+            fp8_gemm: Some(self.fp8_gemm.name().to_string()),
         };
         Ok(TargetExtras {
             files,
@@ -379,10 +386,18 @@ pub fn load_cuda_pipeline(
         nvrtc_version: (0, 0),
         include_dir: Default::default(),
     };
+    let fp8_gemm = match info.fp8_gemm.as_deref() {
+        None => Fp8Gemm::Native,
+        Some(name) => Fp8Gemm::parse(name).map_err(|e| EngineError::Corrupt {
+            path: manifest_path.clone(),
+            reason: format!("cuda.fp8_gemm: {e}"),
+        })?,
+    };
     let m = &bundle.manifest;
     let backend =
         CudaBackend::with_kernels(ordinal, precision_for(m.precision, m.compute), &kernels)
-            .map_err(gpu)?;
+            .map_err(gpu)?
+            .with_fp8_gemm(fp8_gemm);
     let algorithms = stored_algorithms(&manifest_path, info)?;
     let same_blas =
         info.cublaslt_version.as_deref() == Some(backend.cublaslt_version().to_string().as_str());

@@ -111,6 +111,8 @@ enum LinearKind {
         act_scale: f32,
         /// The activation scale, alone in its own allocation (cuBLASLt's B scale).
         act_scale_dev: CudaSlice<f32>,
+        /// cuBLASLt's fast accumulation ([`Fp8Gemm::NativeFastAccum`]).
+        fast_accum: bool,
     },
     /// Exact FP8 numerics on BF16 tensor cores: FP8 codes widened to BF16 (exact), full
     /// f32 accumulation, `alpha` = activation scale, per-channel scales after the GEMM.
@@ -243,6 +245,8 @@ const KERNEL_NAMES: &[&str] = &[
     "flash_wg2_n128",
     "flash_wg3_n128",
     "flash_wg2_n64",
+    "flash_wg2_n128_ov",
+    "flash_wg3_n128_ov",
     "linear_w8a16",
     "quantize_fp8_dev_x8",
     "rms_norm_row64_bf16",
@@ -301,6 +305,8 @@ struct Gemm {
     epi: GemmEpilogue,
     /// Several GEMMs of one shape in one launch (attention heads).
     batch: GemmBatch,
+    /// FP8 only: `CUBLASLT_MATMUL_DESC_FAST_ACCUM` = 1 (see [`Fp8Gemm::NativeFastAccum`]).
+    fast_accum: bool,
 }
 
 /// A strided batch: `count` GEMMs, the i-th reading A, B and writing D at `i * stride_*`
@@ -390,13 +396,49 @@ impl GemmEpilogue {
 /// How FP8 linear layers run on the GPU.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum Fp8Gemm {
-    /// cuBLASLt FP8 tensor-core GEMMs (the fast path). On Hopper the FP8 tensor cores
-    /// accumulate with less than f32 precision inside a K block.
+    /// cuBLASLt FP8 tensor-core GEMMs with cuBLASLt's default accumulation
+    /// (`FAST_ACCUM` = 0): on Hopper the FP8 tensor cores accumulate with less than f32
+    /// precision inside a K block, and the partial sums are promoted to f32 between blocks.
     #[default]
     Native,
+    /// The same GEMMs with `FAST_ACCUM` = 1: the tensor cores' own accumulator over the
+    /// whole K (no promotion passes), as TensorRT and inference FP8 GEMMs run. Faster;
+    /// the sums carry the accumulator's reduced precision over the whole K.
+    NativeFastAccum,
     /// The same FP8 codes widened to BF16 (exact) on BF16 tensor cores with f32
     /// accumulation: the CPU simulation's numerics, at BF16 speed. For validation.
     ExactViaBf16,
+}
+
+impl Fp8Gemm {
+    /// The mode named by `SD_CUDA_FP8_GEMM` (`native`, `fast-accum` or `exact-via-bf16`),
+    /// else [`Fp8Gemm::Native`]: the starting mode of every new backend.
+    pub fn from_env() -> Result<Self> {
+        match std::env::var("SD_CUDA_FP8_GEMM") {
+            Err(_) => Ok(Self::default()),
+            Ok(v) => Self::parse(&v),
+        }
+    }
+
+    /// Parses a mode's name (as [`Fp8Gemm::name`] writes it).
+    pub fn parse(name: &str) -> Result<Self> {
+        [Self::Native, Self::NativeFastAccum, Self::ExactViaBf16]
+            .into_iter()
+            .find(|m| m.name() == name)
+            .ok_or_else(|| {
+                bad(format!(
+                    "FP8 GEMM mode {name:?}: expected native, fast-accum or exact-via-bf16"
+                ))
+            })
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Native => "native",
+            Self::NativeFastAccum => "fast-accum",
+            Self::ExactViaBf16 => "exact-via-bf16",
+        }
+    }
 }
 
 /// The GPU state, owned by the backend's worker thread.
@@ -490,6 +532,11 @@ pub enum FlashVariant {
     Wg3N128 = 4,
     /// Hopper warpgroup MMA: 2 warpgroups x 64 query rows, 64-key tiles.
     Wg2N64 = 5,
+    /// As `Wg2N128`, with each warpgroup's softmax overlapping its own P V MMAs
+    /// (software-pipelined over three K/V stages).
+    Wg2N128Overlap = 6,
+    /// As `Wg3N128`, softmax overlapping the MMAs.
+    Wg3N128Overlap = 7,
 }
 
 /// A flash kernel's launch shape.
@@ -507,13 +554,15 @@ struct FlashKernel {
 }
 
 impl FlashVariant {
-    pub const ALL: [FlashVariant; 6] = [
+    pub const ALL: [FlashVariant; 8] = [
         Self::W8M1,
         Self::W8M2,
         Self::W4M2,
         Self::Wg2N128,
         Self::Wg3N128,
         Self::Wg2N64,
+        Self::Wg2N128Overlap,
+        Self::Wg3N128Overlap,
     ];
     fn kernel(self) -> FlashKernel {
         let mma_sync = |name, rows, threads| FlashKernel {
@@ -523,22 +572,24 @@ impl FlashVariant {
             shared_bytes: 0,
             wgmma: false,
         };
-        // Four tiles (K and V, two buffers) of `keys` rows of 128 bytes, plus the slack
+        // K and V tiles of `keys` rows of 128 bytes, `stages` of each, plus the slack
         // that lets the kernel align them to 1024 bytes.
-        let wgmma = |name, warpgroups: usize, keys: u32| FlashKernel {
+        let wgmma = |name, warpgroups: usize, keys: u32, stages: u32| FlashKernel {
             name,
             rows: 64 * warpgroups,
             threads: 128 * warpgroups as u32,
-            shared_bytes: 4 * keys * 128 + 1024,
+            shared_bytes: 2 * stages * keys * 128 + 1024,
             wgmma: true,
         };
         match self {
             Self::W8M1 => mma_sync("flash_attn_d64", 128, 256),
             Self::W8M2 => mma_sync("flash_attn_d64_w8m2", 256, 256),
             Self::W4M2 => mma_sync("flash_attn_d64_w4m2", 128, 128),
-            Self::Wg2N128 => wgmma("flash_wg2_n128", 2, 128),
-            Self::Wg3N128 => wgmma("flash_wg3_n128", 3, 128),
-            Self::Wg2N64 => wgmma("flash_wg2_n64", 2, 64),
+            Self::Wg2N128 => wgmma("flash_wg2_n128", 2, 128, 2),
+            Self::Wg3N128 => wgmma("flash_wg3_n128", 3, 128, 2),
+            Self::Wg2N64 => wgmma("flash_wg2_n64", 2, 64, 2),
+            Self::Wg2N128Overlap => wgmma("flash_wg2_n128_ov", 2, 128, 3),
+            Self::Wg3N128Overlap => wgmma("flash_wg3_n128_ov", 3, 128, 3),
         }
     }
     pub fn name(self) -> &'static str {
@@ -550,7 +601,7 @@ impl FlashVariant {
     }
 }
 
-/// 255 = not chosen yet (then `SD_CUDA_FLASH_VARIANT` = 0..5, else the default: on a
+/// 255 = not chosen yet (then `SD_CUDA_FLASH_VARIANT` = 0..7, else the default: on a
 /// GPU with sm_90a kernels [`DEFAULT_HOPPER_FLASH`], elsewhere W8M2, the fastest
 /// mma.sync tiling).
 static FLASH_VARIANT: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(255);
@@ -866,7 +917,7 @@ impl Inner {
             cc,
             hopper,
             build_id: kernels.build_id.clone(),
-            fp8_gemm: std::cell::Cell::new(Fp8Gemm::Native),
+            fp8_gemm: std::cell::Cell::new(Fp8Gemm::from_env()?),
             flash: std::cell::Cell::new(
                 std::env::var("SD_CUDA_ATTENTION").map_or(true, |v| v != "exact"),
             ),
@@ -1052,7 +1103,7 @@ impl Inner {
                 }
                 set_desc(desc, A::CUBLASLT_MATMUL_DESC_TRANSA, &ta)?;
                 set_desc(desc, A::CUBLASLT_MATMUL_DESC_TRANSB, &tb)?;
-                let fast_accum = 0i8;
+                let fast_accum = g.fast_accum as i8;
                 if g.a_type == ltsys::cudaDataType::CUDA_R_8F_E4M3 {
                     set_desc(desc, A::CUBLASLT_MATMUL_DESC_FAST_ACCUM, &fast_accum)?;
                 }
@@ -1138,12 +1189,13 @@ impl Inner {
                     ) + if g.epi.gelu { " gelu" } else { "" }
                 } else {
                     String::new()
-                } + &batch_align.map_or(String::new(), |align| {
-                    format!(
-                        " batch {} {} {} {} align {align:?}",
-                        g.batch.count, g.batch.stride_a, g.batch.stride_b, g.batch.stride_d
-                    )
-                });
+                } + if g.fast_accum { " fastacc" } else { "" }
+                    + &batch_align.map_or(String::new(), |align| {
+                        format!(
+                            " batch {} {} {} {} align {align:?}",
+                            g.batch.count, g.batch.stride_a, g.batch.stride_b, g.batch.stride_d
+                        )
+                    });
                 let (alpha, beta) = (g.alpha, 0.0f32);
                 // With an alpha vector, alpha is its device pointer (beta is zero and
                 // not read).
@@ -1460,7 +1512,7 @@ impl Inner {
                         spec.name
                     )));
                 }
-                if self.cc < (8, 9) && self.fp8_gemm.get() == Fp8Gemm::Native {
+                if self.cc < (8, 9) && self.fp8_gemm.get() != Fp8Gemm::ExactViaBf16 {
                     return Err(CudaError::NoFp8 {
                         gpu: self.gpu.clone(),
                         major: self.cc.0,
@@ -1516,6 +1568,7 @@ impl Inner {
                         act: input.format,
                         act_scale: input.scale,
                         act_scale_dev: self.upload_f32(&[input.scale])?,
+                        fast_accum: self.fp8_gemm.get() == Fp8Gemm::NativeFastAccum,
                     }
                 } else {
                     let mut deq = vec![0f32; out * inp];
@@ -1654,6 +1707,7 @@ impl Inner {
             alpha: 1.0,
             epi: GemmEpilogue::default(),
             batch: GemmBatch::ONE,
+            fast_accum: false,
         };
         let mut colscale = 0u64;
         // The FP8 layer's activation scale (for the outer-vector B scale).
@@ -1683,6 +1737,7 @@ impl Inner {
                     act,
                     act_scale,
                     act_scale_dev,
+                    fast_accum,
                 } => {
                     let n = rows * inp;
                     let (sb, fc) = (act_scale.to_bits(), fmt_code(*act));
@@ -1754,6 +1809,7 @@ impl Inner {
                     g.b = self.ptr(&*xq);
                     g.b_type = fp8_type(*act);
                     g.b_scale = self.ptr(act_scale_dev);
+                    g.fast_accum = *fast_accum;
                     colscale = self.ptr(wscale);
                     act_scale_value = Some(*act_scale);
                     _tmp_u8_shared = Some(xq);
@@ -2075,6 +2131,7 @@ impl Inner {
                     alpha: 1.0,
                     epi: GemmEpilogue::default(),
                     batch: GemmBatch::ONE,
+                    fast_accum: false,
                 })?;
                 r0 += rows;
             }
@@ -2398,6 +2455,7 @@ impl Inner {
                     stride_b: d as i64,
                     stride_d: (sq * sk) as i64,
                 },
+                fast_accum: false,
             })?;
             // Rows h * sq + i of S line up with the bias [H, Sq, Sk] (shared by the
             // batch entries).
@@ -2438,6 +2496,7 @@ impl Inner {
                     stride_b: (sq * sk) as i64,
                     stride_d: d as i64,
                 },
+                fast_accum: false,
             })?;
         }
         let n = b * sq * c;

@@ -78,11 +78,25 @@ fn hopper_gets_sm_90a_kernels_and_others_no_wgmma_tiling() {
         .iter()
         .filter(|v| v.needs_hopper())
         .collect();
-    assert_eq!(hopper_only.len(), 3, "the three wgmma tilings");
+    assert_eq!(hopper_only.len(), 5, "the five wgmma tilings");
     // A wgmma tiling chosen for the process falls back to mma.sync off Hopper.
     sd_cuda::set_flash_variant(FlashVariant::Wg3N128);
     assert_eq!(sd_cuda::flash_variant_for(true), FlashVariant::Wg3N128);
     assert_eq!(sd_cuda::flash_variant_for(false), FlashVariant::W8M2);
     sd_cuda::set_flash_variant(FlashVariant::W4M2);
     assert_eq!(sd_cuda::flash_variant_for(false), FlashVariant::W4M2);
+}
+
+#[test]
+fn fp8_gemm_modes_parse_by_name_and_unknown_names_are_refused() {
+    use sd_cuda::Fp8Gemm;
+    for m in [
+        Fp8Gemm::Native,
+        Fp8Gemm::NativeFastAccum,
+        Fp8Gemm::ExactViaBf16,
+    ] {
+        assert_eq!(Fp8Gemm::parse(m.name()).unwrap(), m);
+    }
+    let e = Fp8Gemm::parse("fast").unwrap_err().to_string();
+    assert!(e.contains("\"fast\"") && e.contains("fast-accum"), "{e}");
 }

@@ -228,6 +228,10 @@ pub struct CudaInfo {
     /// launches were written for other sources refuses the bundle.
     #[serde(default)]
     pub kernel_sources: Option<String>,
+    /// How the FP8 GEMMs accumulate (`native` or `fast-accum`, sd-cuda's `Fp8Gemm`
+    /// names); absent in bundles from before the choice existed, which are `native`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fp8_gemm: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -267,5 +271,24 @@ impl Manifest {
     /// Bytes of every payload file.
     pub fn total_bytes(&self) -> u64 {
         self.files.iter().map(|f| f.bytes).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::CudaInfo;
+
+    #[test]
+    fn fp8_gemm_is_optional_and_kept_when_given() {
+        // A bundle written before the field existed still parses (native accumulation).
+        let old: CudaInfo = serde_json::from_str(r#"{"gpu_name": null, "compute_capability": null, "cuda_version": null, "driver_version": null, "cublaslt_version": null, "gemm_algorithms": {}, "kernels": []}"#).unwrap();
+        assert_eq!(old.fp8_gemm, None);
+        assert!(!serde_json::to_string(&old).unwrap().contains("fp8_gemm"));
+        let fast = CudaInfo {
+            fp8_gemm: Some("fast-accum".into()),
+            ..CudaInfo::default()
+        };
+        let back: CudaInfo = serde_json::from_str(&serde_json::to_string(&fast).unwrap()).unwrap();
+        assert_eq!(back.fp8_gemm.as_deref(), Some("fast-accum"));
     }
 }
