@@ -142,7 +142,7 @@ if [[ "${1:-}" == "--device" ]]; then
             tests-flash)
                    # The other flash-attention tilings against the CPU too (attention lines).
                    for fv in ${FLASH_TEST_VARIANTS:-0 1 2 3 5 6 7}; do
-                       SD_CUDA_FLASH_VARIANT=$fv $TO "$BIN/gpu_tests" models/tiny-sd35m /tmp/gt$fv >/dev/null 2>&1;
+                       SD_CUDA_FLASH_VARIANT=$fv $TO "$BIN/gpu_tests" models/tiny-sd35m /tmp/gt$fv --ops-only >/dev/null 2>&1;
                        grep -E "attention" /tmp/gt$fv/gpu_tests.txt | sed "s/^/flash variant $fv: /" | cut -c1-170;
                    done ;;
             *) echo "unknown stage $stage" ;;

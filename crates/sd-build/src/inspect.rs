@@ -114,7 +114,7 @@ fn print_summary(args: &InspectArgs, m: &Manifest) {
     if let Some(c) = &m.cuda {
         let opt = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
         println!(
-            "cuda:          gpu {}, compute capability {}, CUDA {}, driver {}, {} GEMM algorithms, {} kernels",
+            "cuda:          gpu {}, compute capability {}, CUDA {}, driver {}, {} GEMM algorithms, {} kernels, FP8 accumulation {}",
             opt(&c.gpu_name),
             c.compute_capability
                 .map(|[a, b]| format!("{a}.{b}"))
@@ -122,7 +122,9 @@ fn print_summary(args: &InspectArgs, m: &Manifest) {
             opt(&c.cuda_version),
             opt(&c.driver_version),
             c.gemm_algorithms.len(),
-            c.kernels.len()
+            c.kernels.len(),
+            // Bundles from before the choice existed accumulate as `native`.
+            c.fp8_gemm.as_deref().unwrap_or("native")
         );
         for k in &c.kernels {
             println!(

@@ -2,7 +2,9 @@
 //! `cuda` FP8 bundle and a `cuda` BF16 bundle (kernels by NVRTC, GEMM algorithms timed
 //! on this GPU), loads them as a server would, and compares whole generations:
 //!
-//! * cuda FP8 engine vs cpu FP8 engine (the exact FP8 simulation): PSNR >= 35 dB;
+//! * cuda FP8 engine vs cpu FP8 engine (the exact FP8 simulation): PSNR >= 35 dB, for
+//!   the default (promoted) accumulation and for a bundle compiled with fast
+//!   accumulation (`--fp8-accumulation fast`, recorded in the manifest);
 //! * cuda BF16 engine vs the CPU BF16 pipeline of the checkpoint: PSNR >= 35 dB;
 //!
 //! then checks that tampered or foreign bundles are refused with the right error.
@@ -18,6 +20,7 @@ use sd_calibrate::CalibrationCache;
 use sd_checkpoint::Checkpoint;
 use sd_checkpoint::fingerprint::ModelFingerprint;
 use sd_cpu::{ComputePrecision, CpuBackend};
+use sd_cuda::Fp8Gemm;
 use sd_cuda::bundle::{CudaTarget, load_cuda_pipeline};
 use sd_engine::{Bundle, CalibrationInfo, CompileOptions, Compute, EngineError, Precision, Target};
 use sd_model::{Backend, PrecisionPlan};
@@ -193,6 +196,39 @@ fn model(rep: &mut Report, dir: &Path, cache_path: &Path, work: &Path) -> R<()> 
                 compare(&again_imgs, &gpu_imgs).0
             )
         },
+    );
+
+    // FP8 with fast accumulation: the mode is recorded in the bundle and the loader runs
+    // it (its timed algorithms are keyed by it); the images hold the same bound.
+    let cuda_fast = work.join(format!("{name}-cuda-fp8-fast-accum"));
+    let fast_target = CudaTarget {
+        fp8_gemm: Fp8Gemm::NativeFastAccum,
+        ..tuned.clone()
+    };
+    let mf = sd_engine::compile_with(
+        &ckpt,
+        &fp,
+        &fp8_options(Target::Cuda, &cache, cache_path),
+        &cuda_fast,
+        Some(&fast_target),
+    )?;
+    let recorded = mf.cuda.as_ref().and_then(|c| c.fp8_gemm.clone());
+    rep.check(
+        &format!("{name} cuda bundle records fast accumulation"),
+        recorded.as_deref() == Some(Fp8Gemm::NativeFastAccum.name()),
+        format!("cuda.fp8_gemm = {recorded:?}"),
+    );
+    let fast = load_cuda_pipeline(&Bundle::open(&cuda_fast)?, 0)?;
+    let (fast_imgs, fast_s) = images(&fast)?;
+    drop(fast);
+    let (fmean, fmin) = compare(&fast_imgs, &cpu_imgs);
+    rep.check(
+        &format!("{name} cuda fp8 engine, fast accumulation, vs cpu fp8 engine"),
+        fmin >= BOUND_DB,
+        format!(
+            "PSNR mean {fmean:.2} / min {fmin:.2} dB (bound {BOUND_DB}; promoted: {mean:.2} / {min:.2}); vs the promoted cuda engine {:.2} dB; cuda {fast_s:.2}s",
+            compare(&fast_imgs, &gpu_imgs).0
+        ),
     );
 
     // BF16: cuda engine vs the CPU BF16 pipeline of the checkpoint.

@@ -2,7 +2,8 @@
 //! (FP32 vs FP32, BF16/FP8 vs the CPU's BF16 mode and exact FP8 simulation), FP8
 //! quantization codes against sd-fp8, and whole tiny-model generations (image PSNR).
 //!
-//! `gpu_tests [MODEL_DIR] [OUT_DIR]` (defaults: models/tiny-sd35m, $OUT or .); with
+//! `gpu_tests [MODEL_DIR] [OUT_DIR] [--ops-only]` (defaults: models/tiny-sd35m, $OUT or
+//! .; `--ops-only` skips the tiny-model generations); with
 //! `SD_GPU_TEST_CALIBRATION=CACHE.yaml` the FP8 image check of MODEL_DIR uses that
 //! calibration cache's plan instead of a made-up one. Writes
 //! `gpu_tests.txt` (the figures) to OUT_DIR; exits 1 when a bound fails.
@@ -690,7 +691,7 @@ fn bench(rep: &mut Report, g: &CudaBackend) -> R<()> {
     Ok(())
 }
 
-fn run(rep: &mut Report, model: &PathBuf) -> R<()> {
+fn run(rep: &mut Report, model: &PathBuf, ops_only: bool) -> R<()> {
     let g32 = CudaBackend::new(0, CudaPrecision::F32)?;
     rep.line(format!(
         "device: {} (compute capability {}.{}), kernel build id {}",
@@ -767,7 +768,9 @@ fn run(rep: &mut Report, model: &PathBuf) -> R<()> {
             if same { "" } else { "NOT " }
         ),
     );
-    if model.is_dir() {
+    if ops_only {
+        rep.line("info: --ops-only: the tiny-model pipelines were not run".to_string());
+    } else if model.is_dir() {
         pipelines(rep, model, fp8_ok)?;
         // The other tiny models next to it, when present.
         for other in ["tiny-sd3", "tiny-sd35l-no-t5"] {
@@ -815,7 +818,10 @@ fn main() {
         }
         return;
     }
-    let mut args = std::env::args().skip(1);
+    // `--ops-only`: the per-op checks without the tiny-model pipelines (seconds instead
+    // of half a minute: what the bench's flash-tiling stage needs per tiling).
+    let ops_only = std::env::args().any(|a| a == "--ops-only");
+    let mut args = std::env::args().skip(1).filter(|a| a != "--ops-only");
     let model = PathBuf::from(args.next().unwrap_or_else(|| "models/tiny-sd35m".into()));
     let out = PathBuf::from(
         args.next()
@@ -823,7 +829,7 @@ fn main() {
             .unwrap_or_else(|| ".".into()),
     );
     let mut rep = Report::new();
-    if let Err(e) = run(&mut rep, &model) {
+    if let Err(e) = run(&mut rep, &model, ops_only) {
         rep.check("suite", false, format!("error: {e}"));
     }
     let _ = writeln!(rep.text, "\n{} failure(s)", rep.failures.len());
