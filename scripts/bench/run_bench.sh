@@ -70,6 +70,16 @@ if [[ "${1:-}" == "--device" ]]; then
     # device tool's 600 s), so the table is always written.
     START=$(date +%s); BUDGET=${BUDGET:-560}
     left() { echo $(( BUDGET - ($(date +%s) - START) )); }
+    # One gpu_tests run: suite NAME BINARY MODEL_DIR [PATTERN]. Its report goes to
+    # $OUT/gpu_tests$NAME.txt; its PASS/FAIL lines (those matching PATTERN) are printed.
+    suite() {
+        local d=/tmp/gt$1
+        mkdir -p "$d"
+        $TO "$2" "$3" "$d" >"$d/log.txt" 2>&1
+        echo "gpu_tests$1 exit $?"
+        cp "$d/gpu_tests.txt" "$OUT/gpu_tests$1.txt"
+        grep -E "^(FAIL|PASS)${4:-}" "$d/gpu_tests.txt" | cut -c1-150
+    }
     for stage in ${STAGES:-tests medium before-medium pipeline peer-medium peer-e2e peer-text large before-large peer-large tests-flash}; do
         echo "=== stage $stage ($(date -u +%H:%M:%S))"
         t0=$(date +%s)
@@ -118,26 +128,18 @@ if [[ "${1:-}" == "--device" ]]; then
                         $TO python3 .peer/sd35_peer.py sd3.5-medium | tee "$W/peer-medium.jsonl" ;;
             peer-large) COMPILE=${PEER_COMPILE_LARGE:-} PYTHONUNBUFFERED=1 \
                         $TO python3 .peer/sd35_peer.py sd3.5-large | tee "$W/peer-large.jsonl" ;;
-            tests) mkdir -p /tmp/gt && $TO "$BIN/gpu_tests" models/tiny-sd35m /tmp/gt >/tmp/gt/log.txt 2>&1;
-                   echo "gpu_tests exit $?"; cp /tmp/gt/gpu_tests.txt "$OUT/gpu_tests.txt";
-                   grep -E "^(FAIL|PASS)" /tmp/gt/gpu_tests.txt | cut -c1-150 ;;
+            tests) suite "" "$BIN/gpu_tests" models/tiny-sd35m ;;
             tests-fastacc)
                    # The suite with FP8 GEMMs in fast accumulation (the engine images' bounds).
-                   mkdir -p /tmp/gtf && SD_CUDA_FP8_GEMM=fast-accum $TO "$BIN/gpu_tests" models/tiny-sd35m /tmp/gtf >/tmp/gtf/log.txt 2>&1;
-                   echo "gpu_tests (fast accumulation) exit $?"; cp /tmp/gtf/gpu_tests.txt "$OUT/gpu_tests-fastacc.txt";
-                   grep -E "^(FAIL|PASS)" /tmp/gtf/gpu_tests.txt | cut -c1-150 ;;
+                   SD_CUDA_FP8_GEMM=fast-accum suite -fastacc "$BIN/gpu_tests" models/tiny-sd35m ;;
             tests-before)
                    # The same suite built from the engine before a change, same machine.
                    if [[ -x "$BIN/gpu_tests-before" ]]; then
-                       mkdir -p /tmp/gtb && $TO "$BIN/gpu_tests-before" models/tiny-sd35m /tmp/gtb >/tmp/gtb/log.txt 2>&1;
-                       echo "gpu_tests-before exit $?"; cp /tmp/gtb/gpu_tests.txt "$OUT/gpu_tests-before.txt";
-                       grep -E "^(FAIL|PASS) pipeline" /tmp/gtb/gpu_tests.txt | cut -c1-150
+                       suite -before "$BIN/gpu_tests-before" models/tiny-sd35m " pipeline"
                    else echo "no $BIN/gpu_tests-before"; fi ;;
             tests-shapes)
                    if [[ -n "${SD_GPU_TEST_CALIBRATION:-}" ]]; then
-                       mkdir -p /tmp/gts && $TO "$BIN/gpu_tests" models/tiny-sd35m-shapes /tmp/gts >/tmp/gts/log.txt 2>&1;
-                       echo "gpu_tests (shapes) exit $?"; cp /tmp/gts/gpu_tests.txt "$OUT/gpu_tests-shapes.txt";
-                       grep -E "^(FAIL|PASS)" /tmp/gts/gpu_tests.txt | cut -c1-150
+                       suite -shapes "$BIN/gpu_tests" models/tiny-sd35m-shapes
                    else echo "SD_GPU_TEST_CALIBRATION not set"; fi ;;
             tests-flash)
                    # The other flash-attention tilings against the CPU too (attention lines).

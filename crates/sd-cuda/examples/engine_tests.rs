@@ -80,6 +80,13 @@ fn images<B: Backend>(p: &Sd3Pipeline<B>) -> R<(Vec<Vec<f32>>, f64)> {
     Ok((out, t.elapsed().as_secs_f64()))
 }
 
+/// Every prompt's image from the cuda bundle at `dir` (loaded, run, dropped), and the
+/// seconds the generations took.
+fn bundle_images(dir: &Path) -> R<(Vec<Vec<f32>>, f64)> {
+    let pipeline = load_cuda_pipeline(&Bundle::open(dir)?, 0)?;
+    images(&pipeline)
+}
+
 /// (mean, min) PSNR over the prompts.
 fn compare(a: &[Vec<f32>], b: &[Vec<f32>]) -> (f64, f64) {
     let v: Vec<f64> = a.iter().zip(b).map(|(x, y)| psnr(x, y)).collect();
@@ -182,9 +189,7 @@ fn model(rep: &mut Report, dir: &Path, cache_path: &Path, work: &Path) -> R<()> 
         ),
     );
     // The same bundle again: loading is deterministic and runs are repeatable.
-    let again = load_cuda_pipeline(&Bundle::open(&cuda_fp8)?, 0)?;
-    let (again_imgs, _) = images(&again)?;
-    drop(again);
+    let (again_imgs, _) = bundle_images(&cuda_fp8)?;
     rep.check(
         &format!("{name} cuda fp8 engine is repeatable"),
         again_imgs == gpu_imgs,
@@ -218,9 +223,7 @@ fn model(rep: &mut Report, dir: &Path, cache_path: &Path, work: &Path) -> R<()> 
         recorded.as_deref() == Some(Fp8Gemm::NativeFastAccum.name()),
         format!("cuda.fp8_gemm = {recorded:?}"),
     );
-    let fast = load_cuda_pipeline(&Bundle::open(&cuda_fast)?, 0)?;
-    let (fast_imgs, fast_s) = images(&fast)?;
-    drop(fast);
+    let (fast_imgs, fast_s) = bundle_images(&cuda_fast)?;
     let (fmean, fmin) = compare(&fast_imgs, &cpu_imgs);
     rep.check(
         &format!("{name} cuda fp8 engine, fast accumulation, vs cpu fp8 engine"),
@@ -239,9 +242,7 @@ fn model(rep: &mut Report, dir: &Path, cache_path: &Path, work: &Path) -> R<()> 
     )?;
     let (cpu_b, _) = images(&cpu_bf16)?;
     drop(cpu_bf16);
-    let gpu_b = load_cuda_pipeline(&Bundle::open(&cuda_bf16)?, 0)?;
-    let (gpu_bi, gpu_bs) = images(&gpu_b)?;
-    drop(gpu_b);
+    let (gpu_bi, gpu_bs) = bundle_images(&cuda_bf16)?;
     let (mean, min) = compare(&gpu_bi, &cpu_b);
     rep.check(
         &format!("{name} cuda bf16 engine vs cpu bf16 pipeline"),

@@ -411,6 +411,8 @@ pub enum Fp8Gemm {
 }
 
 impl Fp8Gemm {
+    pub const ALL: [Fp8Gemm; 3] = [Self::Native, Self::NativeFastAccum, Self::ExactViaBf16];
+
     /// The mode named by `SD_CUDA_FP8_GEMM` (`native`, `fast-accum` or `exact-via-bf16`),
     /// else [`Fp8Gemm::Native`]: the starting mode of every new backend.
     pub fn from_env() -> Result<Self> {
@@ -422,12 +424,14 @@ impl Fp8Gemm {
 
     /// Parses a mode's name (as [`Fp8Gemm::name`] writes it).
     pub fn parse(name: &str) -> Result<Self> {
-        [Self::Native, Self::NativeFastAccum, Self::ExactViaBf16]
+        Self::ALL
             .into_iter()
             .find(|m| m.name() == name)
             .ok_or_else(|| {
+                let names: Vec<_> = Self::ALL.iter().map(|m| m.name()).collect();
                 bad(format!(
-                    "FP8 GEMM mode {name:?}: expected native, fast-accum or exact-via-bf16"
+                    "FP8 GEMM mode {name:?}: expected one of {}",
+                    names.join(", ")
                 ))
             })
     }

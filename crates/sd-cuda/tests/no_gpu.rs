@@ -90,11 +90,7 @@ fn hopper_gets_sm_90a_kernels_and_others_no_wgmma_tiling() {
 #[test]
 fn fp8_gemm_modes_parse_by_name_and_unknown_names_are_refused() {
     use sd_cuda::Fp8Gemm;
-    for m in [
-        Fp8Gemm::Native,
-        Fp8Gemm::NativeFastAccum,
-        Fp8Gemm::ExactViaBf16,
-    ] {
+    for m in Fp8Gemm::ALL {
         assert_eq!(Fp8Gemm::parse(m.name()).unwrap(), m);
     }
     let e = Fp8Gemm::parse("fast").unwrap_err().to_string();
