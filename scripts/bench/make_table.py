@@ -258,6 +258,13 @@ def main():
                     f"{v['ms_median'] / pv['ms']:.2f}x the time)" if pv else "") + ".")
         if v.get("conv_path"):
             L.append(f"\nConvolutions: {v['conv_path']}.")
+        for o in v.get("other_paths", []):
+            d = o.get("vs_default", {})
+            L.append(f"\nSame process and weights, convolutions on `{o['path']}`: {o['ms_median']:.1f} ms "
+                     f"(peak {o['peak_gib']:.2f} GiB; {o['conv_path']}); decoded output vs the default "
+                     f"path: max rel {d.get('max_rel', float('nan')):.2e}, rms rel "
+                     f"{d.get('rms_rel', float('nan')):.2e}.")
+        # Older result files: one im2col comparison.
         if v.get("im2col_ms_median") is not None:
             d = v.get("cudnn_vs_im2col", {})
             L.append(f"\nSame process, convolutions on the im2col + GEMM path (before cuDNN): "
@@ -340,13 +347,15 @@ def main():
             for p in parts:
                 P.append(f"| {p['op']} | {p['calls']} | {p['ms']:.2f} | {100 * p['ms'] / tot:.1f}% |")
     for v in vae:
-        prof = v.get("profile") or []
-        tot = sum(p["ms"] for p in prof) or 1.0
-        P.append("\n## VAE decode 1024x1024 BF16\n")
-        P.append("| operation | calls | ms | share |")
-        P.append("| --- | --- | --- | --- |")
-        for p in prof[:12]:
-            P.append(f"| {p['op']} | {p['calls']} | {p['ms']:.2f} | {100 * p['ms'] / tot:.1f}% |")
+        for run in [v] + [o for o in v.get("other_paths", []) if o.get("profile")]:
+            prof = run.get("profile") or []
+            tot = sum(p["ms"] for p in prof) or 1.0
+            path = f", convolutions on `{run['path']}`" if run.get("path") else ""
+            P.append(f"\n## VAE decode 1024x1024 BF16{path}\n")
+            P.append("| operation | calls | ms | share |")
+            P.append("| --- | --- | --- | --- |")
+            for p in prof[:12]:
+                P.append(f"| {p['op']} | {p['calls']} | {p['ms']:.2f} | {100 * p['ms'] / tot:.1f}% |")
     with open(os.path.join(out, "profile.md"), "w") as f:
         f.write("\n".join(P) + "\n")
     print("\n".join(L))

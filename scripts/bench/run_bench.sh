@@ -34,6 +34,8 @@
 #            tests-flash:          the attention tests with the other flash tilings
 #                                  (FLASH_TEST_VARIANTS, default "0 1 2 3 5 6 7")
 #            tests-fastacc:        the same with SD_CUDA_FP8_GEMM=fast-accum
+#            tests-nhwc:           the same with SD_CUDA_CONV=nhwc (every convolution and
+#                                  the tiny models' VAE decodes on channels-last cuDNN)
 #            tests-before:         gpu_tests from $SD_BIN/gpu_tests-before (same machine)
 #            tests-shapes:         the tests on models/tiny-sd35m-shapes with the real
 #                                  calibration cache $SD_GPU_TEST_CALIBRATION (if set)
@@ -132,6 +134,9 @@ if [[ "${1:-}" == "--device" ]]; then
             tests-fastacc)
                    # The suite with FP8 GEMMs in fast accumulation (the engine images' bounds).
                    SD_CUDA_FP8_GEMM=fast-accum suite -fastacc "$BIN/gpu_tests" models/tiny-sd35m ;;
+            tests-nhwc)
+                   # The suite with channels-last cuDNN convolutions as every backend's path.
+                   SD_CUDA_CONV=nhwc suite -nhwc "$BIN/gpu_tests" models/tiny-sd35m ;;
             tests-before)
                    # The same suite built from the engine before a change, same machine.
                    if [[ -x "$BIN/gpu_tests-before" ]]; then

@@ -27,7 +27,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use sd_cuda::{
-    CudaBackend, CudaPrecision, FlashVariant, Fp8Gemm, flash_variant, set_flash_variant,
+    ConvPath, CudaBackend, CudaPrecision, FlashVariant, Fp8Gemm, flash_variant, set_flash_variant,
 };
 use sd_fp8::Fp8Format;
 use sd_model::config::{ClipConfig, SchedulerConfig, T5Config, TransformerConfig, VaeConfig};
@@ -626,54 +626,64 @@ fn vae_config() -> VaeConfig {
 }
 
 fn bench_vae(bench: &mut Bench, o: &Opts) -> R<()> {
-    let cfg = vae_config();
     let b = CudaBackend::new(0, CudaPrecision::Bf16)?;
-    let vae = VaeDecoder::load(&b, cfg, &RandomWeights, &PrecisionPlan::default())?;
+    let default_path = b.conv_stats()?.path;
     let z = b.upload(&random_host(vec![1, 16, 128, 128], 21, 1.0))?;
-    let dec = |b: &CudaBackend| -> R<f64> {
+    let iters = o.iters.clamp(1, 3);
+    let dec = |vae: &VaeDecoder<CudaBackend>| -> R<f64> {
         let e0 = b.record_event()?;
-        let y = vae.decode(b, &z)?;
+        let y = vae.decode(&b, &z)?;
         let e1 = b.record_event()?;
         let ms = e0.elapsed_ms(&e1)? as f64;
         drop(y);
         Ok(ms)
     };
-    let image = |b: &CudaBackend| -> R<HostTensor> { Ok(b.download(&vae.decode(b, &z)?)?) };
-    let timed =
-        |b: &CudaBackend| -> R<Vec<f64>> { (0..o.iters.clamp(1, 3)).map(|_| dec(b)).collect() };
-    dec(&b)?;
-    b.reset_peak_memory()?;
-    let mut ts = timed(&b)?;
-    let mem = b.memory_stats()?;
-    let conv_path = b.conv_stats()?;
-    b.set_profiling(true)?;
-    let _ = dec(&b)?;
-    let prof = profile_json(&b)?;
-    b.set_profiling(false)?;
-    let mut rec = json!({
-        "what": "SD3 VAE decode 1024x1024, batch 1, bf16",
-        "ms_median": (median(&mut ts) * 100.0).round() / 100.0,
-        "iters": ts.len(),
-        "timing": "CUDA events around one decode",
-        "peak_gib": (gib(mem.peak_used) * 1000.0).round() / 1000.0,
-        "conv_path": conv_path.to_string(),
-        "conv_problems": conv_path.cudnn_problems,
-        "profile": prof,
-    });
-    // The same decoder on the im2col + GEMM convolutions (the path before cuDNN), in
-    // this process: time and how far its image is from the cuDNN one.
-    if conv_path.cudnn_version.is_some() && !conv_path.cudnn_problems.is_empty() {
-        let with_cudnn = image(&b)?;
-        b.set_cudnn_conv(false)?;
-        dec(&b)?;
-        let mut ts2 = timed(&b)?;
-        let with_im2col = image(&b)?;
-        b.set_cudnn_conv(true)?;
-        let (max_rel, rms_rel) = rel_err(&with_cudnn, &with_im2col);
-        rec["im2col_ms_median"] = json!((median(&mut ts2) * 100.0).round() / 100.0);
-        rec["cudnn_vs_im2col"] = json!({"max_rel": max_rel, "rms_rel": rms_rel,
-            "note": "decoded image (random weights), cuDNN vs im2col convolutions"});
+    // One convolution path: the decoder loaded after the path is chosen (its filters
+    // are stored in the layout the path reads), a warm-up decode (cuDNN plans, the
+    // pool), `iters` timed decodes, one profiled, the image.
+    let measure = |path: ConvPath| -> R<(Value, HostTensor)> {
+        b.set_conv_path(path)?;
+        let vae = VaeDecoder::load(&b, vae_config(), &RandomWeights, &PrecisionPlan::default())?;
+        dec(&vae)?;
+        b.reset_peak_memory()?;
+        let mut ts = (0..iters).map(|_| dec(&vae)).collect::<R<Vec<f64>>>()?;
+        let mem = b.memory_stats()?;
+        let stats = b.conv_stats()?;
+        b.set_profiling(true)?;
+        let _ = dec(&vae)?;
+        let prof = profile_json(&b)?;
+        b.set_profiling(false)?;
+        let image = b.download(&vae.decode(&b, &z)?)?;
+        let tag = format!(" {}:", path.name());
+        let rec = json!({
+            "path": path.name(),
+            "ms_median": (median(&mut ts) * 100.0).round() / 100.0,
+            "peak_gib": (gib(mem.peak_used) * 1000.0).round() / 1000.0,
+            "conv_path": stats.to_string(),
+            // The problems this path ran on cuDNN (the backend lists every layout seen).
+            "conv_problems": stats.cudnn_problems.iter().filter(|p| p.contains(&tag)).collect::<Vec<_>>(),
+            "cudnn": stats.cudnn_version.is_some() && stats.unavailable.is_none(),
+            "profile": prof,
+        });
+        Ok((rec, image))
+    };
+    let (mut rec, default_image) = measure(default_path)?;
+    rec["what"] = json!("SD3 VAE decode 1024x1024, batch 1, bf16");
+    rec["iters"] = json!(iters);
+    rec["timing"] = json!("CUDA events around one decode");
+    // The other paths, same process and weights (RandomWeights is deterministic): time
+    // and how far each image is from the default path's.
+    let mut others = Vec::new();
+    if rec["cudnn"] == json!(true) {
+        for path in ConvPath::ALL.into_iter().filter(|p| *p != default_path) {
+            let (mut r, image) = measure(path)?;
+            let (max_rel, rms_rel) = rel_err(&default_image, &image);
+            r["vs_default"] = json!({"max_rel": max_rel, "rms_rel": rms_rel});
+            others.push(r);
+        }
     }
+    b.set_conv_path(default_path)?;
+    rec["other_paths"] = json!(others);
     bench.push("vae", rec);
     Ok(())
 }

@@ -14,7 +14,7 @@ use std::time::Instant;
 
 use sd_checkpoint::Checkpoint;
 use sd_cpu::{ComputePrecision, CpuBackend};
-use sd_cuda::{CudaBackend, CudaPrecision, Fp8Gemm};
+use sd_cuda::{ConvPath, CudaBackend, CudaPrecision, Fp8Gemm};
 use sd_fp8::Fp8Format;
 use sd_model::{
     Activation, ActivationQuant, AttentionParams, Backend, Conv2dParams, HostTensor, LinearQuant,
@@ -326,6 +326,79 @@ fn suite<B: Backend>(b: &B, fp8: bool) -> R<Vec<(String, HostTensor)>> {
     out.push((
         "conv 3x3 128->128 48x40, no bias".into(),
         b.download(&b.conv2d(&vx, &vw, None, same)?)?,
+    ));
+
+    // A VAE stage end to end, as the decoder runs it: filters loaded as parameters (the
+    // CUDA backend stores them channels-last), then every operation the decoder applies
+    // between its convolutions (channels-last in place on the CUDA backend): group norm
+    // + SiLU, the residual add, nearest upsampling, plain group norm, one-pixel patches
+    // through a linear layer and back, SiLU, scaling; a last convolution to 3 channels.
+    // (Each download converts a channels-last result back to NCHW.)
+    let param = |name: &str, t: &HostTensor| b.load_param(&WeightTensor::from_host(name, t));
+    let w1 = param("stage.conv1.weight", &rng.tensor(&[64, 32, 3, 3], 0.06))?;
+    let b1 = param("stage.conv1.bias", &rng.tensor(&[64], 0.1))?;
+    let w2 = param("stage.conv2.weight", &rng.tensor(&[64, 64, 3, 3], 0.04))?;
+    let b2 = param("stage.conv2.bias", &rng.tensor(&[64], 0.1))?;
+    let w3 = param("stage.conv_out.weight", &rng.tensor(&[3, 64, 3, 3], 0.04))?;
+    let b3 = param("stage.conv_out.bias", &rng.tensor(&[3], 0.1))?;
+    let gn_g = param("stage.norm.weight", &rng.tensor(&[64], 1.0))?;
+    let gn_b = param("stage.norm.bias", &rng.tensor(&[64], 0.5))?;
+    let tok_w = rng.tensor(&[64, 64], 0.1);
+    let tok_b = rng.tensor(&[64], 0.1);
+    let tok = b.load_linear(
+        &LinearSpec {
+            name: "stage.attn.to_out".into(),
+            in_features: 64,
+            out_features: 64,
+            quant: LinearQuant::None,
+        },
+        &WeightTensor::from_host("w", &tok_w),
+        Some(&WeightTensor::from_host("b", &tok_b)),
+    )?;
+    let sx = up(&rng.tensor(&[1, 32, 12, 10], 1.0))?;
+    let h1 = b.conv2d(&sx, &w1, Some(&b1), same)?;
+    let h = b.group_norm_silu(&h1, 32, &gn_g, &gn_b, 1e-6)?;
+    let h = b.conv2d(&h, &w2, Some(&b2), same)?;
+    let h = b.add(&h1, &h)?;
+    let h = b.upsample_nearest2x(&h)?;
+    out.push((
+        "VAE stage: conv, gn+silu, conv, add, upsample".into(),
+        b.download(&h)?,
+    ));
+    let n = b.group_norm(&h, 32, &gn_g, &gn_b, 1e-6)?;
+    let t = b.linear(&b.patchify(&n, 1)?, &tok)?;
+    let h = b.add(&h, &b.unpatchify(&t, 1, &h)?)?;
+    out.push((
+        "VAE stage: + gn, pixel tokens, linear, back, add".into(),
+        b.download(&h)?,
+    ));
+    let h = b.scale_shift(&b.activation(&h, Activation::Silu)?, 0.5, 0.1)?;
+    let h = b.conv2d(&h, &w3, Some(&b3), same)?;
+    out.push((
+        "VAE stage: silu, scale_shift, conv to 3".into(),
+        b.download(&h)?,
+    ));
+    out.push((
+        "mul of two conv outputs".into(),
+        b.download(&b.mul(&h1, &h1)?)?,
+    ));
+    // Wide channels (512: 64 threads a pixel in the group norm kernels), reshaped after.
+    let wide = b.conv2d(
+        &up(&rng.tensor(&[2, 16, 9, 7], 1.0))?,
+        &param("wide.weight", &rng.tensor(&[512, 16, 3, 3], 0.1))?,
+        None,
+        same,
+    )?;
+    let wg = up(&rng.tensor(&[512], 1.0))?;
+    let wb = up(&rng.tensor(&[512], 0.5))?;
+    let wn = b.group_norm_silu(&wide, 32, &wg, &wb, 1e-6)?;
+    out.push((
+        "group_norm_silu 512 channels after a conv".into(),
+        b.download(&wn)?,
+    ));
+    out.push((
+        "reshape of a conv output".into(),
+        b.download(&b.reshape(&wn, &[2, 512, 63])?)?,
     ));
 
     // Attention: small odd sizes, causal (CLIP), bias (T5), joint 4096 + 333 at head dim 64,
@@ -724,6 +797,21 @@ fn run(rep: &mut Report, model: &PathBuf, ops_only: bool) -> R<()> {
     } else {
         rep.line(format!("info: bf16 convolutions: {conv}"));
     }
+    // The channels-last convolution path (`SD_CUDA_CONV=nhwc`): the whole suite again,
+    // convolutions and the VAE stage on NHWC tensors, against the same CPU results.
+    let gc = CudaBackend::new(0, gl.precision())?;
+    gc.set_conv_path(ConvPath::CudnnNhwc)?;
+    let gpuc = suite(&gc, fp8_ok)?;
+    compare(rep, "bf16 channels-last convolutions", &cpu16, &gpuc, 1e-2);
+    let conv = gc.conv_stats()?;
+    if conv.cudnn_version.is_some() {
+        rep.check(
+            "bf16 channels-last convolutions on cuDNN",
+            conv.refused_problems.is_empty(),
+            format!("{conv}: {}", conv.cudnn_problems.join("; ")),
+        );
+    }
+    drop(gc);
     if fp8_ok {
         let gx = CudaBackend::new(0, CudaPrecision::Fp8)?.with_fp8_gemm(Fp8Gemm::ExactViaBf16);
         let gpux = suite(&gx, true)?;

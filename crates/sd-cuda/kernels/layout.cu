@@ -89,3 +89,17 @@ extern "C" __global__ void im2col_bf16(const __nv_bfloat16* __restrict__ x, __nv
                      : __float2bfloat16_rn(0.0f);
     }
 }
+
+// Nearest 2x upsampling of channels-last BF16 x [N, H, W, C] -> [N, 2H, 2W, C], 16 bytes
+// (8 channels) a thread; vecs = C / 8.
+extern "C" __global__ void upsample2x_nhwc_bf16x8(const uint4* __restrict__ x, uint4* __restrict__ y,
+                                                  unsigned long long entries, unsigned long long h,
+                                                  unsigned long long w, int vecs) {
+    const unsigned long long ow = 2 * w, oh = 2 * h;
+    const unsigned long long n = entries * oh * ow * vecs;
+    SD_GRID_STRIDE(i, n) {
+        const unsigned long long v = i % vecs, pix = i / vecs;
+        const unsigned long long xx = pix % ow, yy = (pix / ow) % oh, e = pix / (ow * oh);
+        y[i] = x[((e * h + yy / 2) * w + xx / 2) * vecs + v];
+    }
+}

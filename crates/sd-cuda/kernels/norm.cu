@@ -480,3 +480,117 @@ extern "C" __global__ void group_norm_apply(const void* __restrict__ x, const do
               r);
     }
 }
+
+// Group norm of channels-last BF16 x [N, H*W, C] (the VAE between its cuDNN NHWC
+// convolutions): a group is cg = C / groups adjacent channels of every pixel. Three
+// passes, all deterministic (fixed summation orders):
+//  1. group_norm_nhwc_stats, grid (N, chunks), block (C/8, 256 / (C/8)): every thread
+//     sums its 8 channels (one 16-byte load a pixel) over a strided run of the chunk's
+//     pixels, in f64 (sum and sum of squares: BF16 values and their squares add exactly
+//     in f64 at these counts); the block adds them per channel over its pixel rows, then
+//     per group over its channels, and writes the chunk's partials.
+//  2. group_norm_nhwc_finalize: per (entry, group), the partials over the chunks in
+//     order -> mean and 1/std in f64 (variance as E[x^2] - mean^2: the f64 sums carry
+//     ~2^-52 relative error, far below the BF16 rounding of the output).
+//  3. group_norm_nhwc_apply: 8 channels a thread, the same final arithmetic as
+//     group_norm_f32.
+#define GN_NHWC_THREADS 256
+
+__device__ __forceinline__ void gn_unpack8(const uint4& w, float* f) {
+    const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&w);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+        const float2 a = __bfloat1622float2(h[j]);
+        f[2 * j] = a.x;
+        f[2 * j + 1] = a.y;
+    }
+}
+
+extern "C" __global__ void group_norm_nhwc_stats(const __nv_bfloat16* __restrict__ x,
+                                                 double2* __restrict__ part, int c, int groups,
+                                                 unsigned long long hw) {
+    // Per thread, its 8 channels' (sum, sum of squares): acc[pixel_row * c + channel].
+    __shared__ double2 acc[GN_NHWC_THREADS * 8];
+    const int vecs = blockDim.x, rows = blockDim.y;
+    const unsigned long long n = blockIdx.x;
+    const unsigned long long per = (hw + gridDim.y - 1) / gridDim.y;
+    const unsigned long long p0 = per * blockIdx.y;
+    const unsigned long long p1 = min(hw, p0 + per);
+    double s[8], q[8];
+#pragma unroll
+    for (int j = 0; j < 8; ++j) s[j] = q[j] = 0.0;
+    const uint4* xv = reinterpret_cast<const uint4*>(x);
+    for (unsigned long long p = p0 + threadIdx.y; p < p1; p += rows) {
+        float f[8];
+        gn_unpack8(xv[(n * hw + p) * vecs + threadIdx.x], f);
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+            s[j] += (double)f[j];
+            q[j] += (double)f[j] * (double)f[j];
+        }
+    }
+    const int base = threadIdx.y * c + threadIdx.x * 8;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) acc[base + j] = make_double2(s[j], q[j]);
+    __syncthreads();
+    const int cg = c / groups;
+    for (int g = threadIdx.y * vecs + threadIdx.x; g < groups; g += vecs * rows) {
+        double gs = 0.0, gq = 0.0;
+        for (int ch = g * cg; ch < (g + 1) * cg; ++ch) {
+            for (int y = 0; y < rows; ++y) {
+                const double2 a = acc[y * c + ch];
+                gs += a.x;
+                gq += a.y;
+            }
+        }
+        part[(n * gridDim.y + blockIdx.y) * groups + g] = make_double2(gs, gq);
+    }
+}
+
+extern "C" __global__ void group_norm_nhwc_finalize(const double2* __restrict__ part,
+                                                    double2* __restrict__ stats, int entries,
+                                                    int groups, int chunks,
+                                                    unsigned long long count, float eps) {
+    SD_GRID_STRIDE(i, (unsigned long long)entries * groups) {
+        const unsigned long long n = i / groups, g = i % groups;
+        double s = 0.0, q = 0.0;
+        for (int k = 0; k < chunks; ++k) {
+            const double2 a = part[(n * chunks + k) * groups + g];
+            s += a.x;
+            q += a.y;
+        }
+        const double mean = s / (double)count;
+        const double var = fmax(q / (double)count - mean * mean, 0.0);
+        stats[i] = make_double2(mean, 1.0 / sqrt(var + (double)eps));
+    }
+}
+
+extern "C" __global__ void group_norm_nhwc_apply(const __nv_bfloat16* __restrict__ x,
+                                                 const double2* __restrict__ stats,
+                                                 const __nv_bfloat16* __restrict__ g,
+                                                 const __nv_bfloat16* __restrict__ b,
+                                                 __nv_bfloat16* __restrict__ y,
+                                                 unsigned long long vectors, int c, int groups,
+                                                 unsigned long long hw, int silu) {
+    const int vecs = c >> 3, cg = c / groups;
+    const uint4* xv = reinterpret_cast<const uint4*>(x);
+    uint4* yv = reinterpret_cast<uint4*>(y);
+    SD_GRID_STRIDE(i, vectors) {
+        const int v = (int)(i % vecs);
+        const unsigned long long n = i / vecs / hw;
+        float f[8];
+        gn_unpack8(xv[i], f);
+        uint4 o;
+        __nv_bfloat16* oh = reinterpret_cast<__nv_bfloat16*>(&o);
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+            const int ch = v * 8 + j;
+            const double2 st = stats[n * groups + ch / cg];
+            const float val = gn_out((float)(((double)f[j] - st.x) * st.y) * __bfloat162float(g[ch]) +
+                                         __bfloat162float(b[ch]),
+                                     silu, 1);
+            oh[j] = __float2bfloat16_rn(val);
+        }
+        yv[i] = o;
+    }
+}

@@ -1,5 +1,15 @@
 //! Convolutions through cuDNN (the VAE decoder's, in BF16 storage).
 //!
+//! Layout: with [`ConvPath::CudnnNhwc`] the convolutions run on channels-last
+//! tensors. cuDNN's tensor-core convolution kernels are built around NHWC; for NCHW
+//! tensors it adds layout conversions, and where its heuristic finds nothing better
+//! within the workspace limit it runs a CUDA-core algorithm (the H100 benchmark of
+//! 2026-12-07 had the 256-channel 1024x1024 convolution on `IMPLICIT_GEMM` with
+//! `CUDNN_DEFAULT_MATH`, no tensor cores). The
+//! backend keeps the VAE's activations channels-last from one convolution to the next
+//! (`CudaTensor`'s layout; group norm, SiLU, the residual adds, the upsampling and the
+//! mid-block attention read them in place) and converts at the edges.
+//!
 //! The im2col + GEMM path in `lib.rs` writes a `C_in * k * k`-row copy of the input for
 //! every output band and an f32 intermediate: at the SD3 VAE's 1024x1024 stages that is
 //! gigabytes of memory traffic per convolution (85% of a decode). cuDNN's implicit-GEMM
@@ -34,7 +44,61 @@ const MAX_WORKSPACE_BYTES: usize = 1 << 30;
 /// How many ranked algorithms to ask the heuristic for (cuDNN has 8 forward algorithms).
 const HEURISTIC_RESULTS: usize = 8;
 
-/// One convolution problem: NCHW input, KCRS filter, symmetric padding and stride.
+/// Where BF16 / FP8-precision convolutions run (`SD_CUDA_CONV`,
+/// `CudaBackend::set_conv_path`). F32 precision always runs im2col + GEMM in f32.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ConvPath {
+    /// cuDNN on channels-last tensors (NHWC activations, KRSC filters). Not the default
+    /// until its GPU checks (`gpu_tests`' channels-last suite, the tiny-model images
+    /// with `SD_CUDA_CONV=nhwc`) have passed on the accelerator.
+    CudnnNhwc,
+    /// cuDNN on NCHW tensors.
+    #[default]
+    CudnnNchw,
+    /// im2col + cuBLASLt GEMM, without cuDNN.
+    Im2col,
+}
+
+impl ConvPath {
+    pub const ALL: [Self; 3] = [Self::CudnnNhwc, Self::CudnnNchw, Self::Im2col];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::CudnnNhwc => "nhwc",
+            Self::CudnnNchw => "nchw",
+            Self::Im2col => "im2col",
+        }
+    }
+
+    /// Parses a path's name (as [`ConvPath::name`] writes it).
+    pub fn parse(name: &str) -> crate::Result<Self> {
+        Self::ALL
+            .into_iter()
+            .find(|p| p.name() == name)
+            .ok_or_else(|| {
+                let names: Vec<_> = Self::ALL.iter().map(|p| p.name()).collect();
+                crate::CudaError::Invalid(format!(
+                    "convolution path {name:?} (SD_CUDA_CONV): expected one of {}",
+                    names.join(", ")
+                ))
+            })
+    }
+
+    /// The path named by `SD_CUDA_CONV`, else the default ([`ConvPath::CudnnNchw`]).
+    pub fn from_env() -> crate::Result<Self> {
+        match std::env::var("SD_CUDA_CONV") {
+            Err(_) => Ok(Self::default()),
+            Ok(v) => Self::parse(&v),
+        }
+    }
+
+    pub fn uses_cudnn(self) -> bool {
+        self != Self::Im2col
+    }
+}
+
+/// One convolution problem: NCHW (or, `channels_last`, NHWC) input, KCRS (KRSC) filter,
+/// symmetric padding and stride.
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, PartialOrd, Ord)]
 pub(crate) struct ConvProblem {
     pub batch: usize,
@@ -46,12 +110,17 @@ pub(crate) struct ConvProblem {
     pub kernel_w: usize,
     pub stride: usize,
     pub padding: usize,
+    pub channels_last: bool,
 }
 
 impl std::fmt::Display for ConvProblem {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let [n, c, h, w, k, r, s, stride, pad] = self.fields();
-        write!(f, "{n}x{c}x{h}x{w} -> {k} k{r}x{s} s{stride} p{pad}")
+        let layout = if self.channels_last { "nhwc" } else { "nchw" };
+        write!(
+            f,
+            "{n}x{c}x{h}x{w} -> {k} k{r}x{s} s{stride} p{pad} {layout}"
+        )
     }
 }
 
@@ -101,6 +170,8 @@ pub(crate) struct ConvPlan {
 /// Which path the convolutions took, for reports (`CudaBackend::conv_stats`).
 #[derive(Clone, Debug, Default)]
 pub struct ConvStats {
+    /// The path asked for (the problems below say which ran where).
+    pub path: ConvPath,
     /// cuDNN's version (`cudnnGetVersion`, e.g. 91000 for 9.10.0); None when it was
     /// not opened (no BF16 convolution yet, turned off, or unavailable).
     pub cudnn_version: Option<usize>,
@@ -120,10 +191,11 @@ impl std::fmt::Display for ConvStats {
             (None, Some(v)) => {
                 write!(
                     f,
-                    "cuDNN {}.{}.{}: {} problem(s) on cuDNN",
+                    "cuDNN {}.{}.{} ({}): {} problem(s) on cuDNN",
                     v / 10000,
                     v / 100 % 100,
                     v % 100,
+                    self.path.name(),
                     self.cudnn_problems.len()
                 )?;
                 if !self.refused_problems.is_empty() {
@@ -153,14 +225,20 @@ pub(crate) struct ConvDescriptors {
 }
 
 impl ConvDescriptors {
-    /// BF16 NCHW tensors, a BF16 KCRS filter, cross-correlation (what every framework
-    /// calls convolution) with f32 compute and tensor-core math.
+    /// BF16 NCHW (NHWC) tensors, a BF16 KCRS (KRSC) filter, cross-correlation (what
+    /// every framework calls convolution) with f32 compute and tensor-core math. cuDNN's
+    /// 4-D descriptors always take the dimensions in N, C, H, W order; the format says
+    /// how they are laid out in memory.
     pub fn new(p: &ConvProblem) -> Result<Self, String> {
         let [n, c, h, w, k, r, s, stride, pad] = p.dims()?;
         let (ho, wo) = p.output_hw();
         let (ho, wo) = (ho as c_int, wo as c_int);
         let bf16 = dsys::cudnnDataType_t::CUDNN_DATA_BFLOAT16;
-        let nchw = dsys::cudnnTensorFormat_t::CUDNN_TENSOR_NCHW;
+        let format = if p.channels_last {
+            dsys::cudnnTensorFormat_t::CUDNN_TENSOR_NHWC
+        } else {
+            dsys::cudnnTensorFormat_t::CUDNN_TENSOR_NCHW
+        };
         let mut d = Self {
             x: std::ptr::null_mut(),
             w: std::ptr::null_mut(),
@@ -175,8 +253,8 @@ impl ConvDescriptors {
         d.y = dnn::create_tensor_descriptor().map_err(status)?;
         // SAFETY: the descriptors were created above and are live until drop.
         unsafe {
-            dnn::set_tensor4d_descriptor(d.x, nchw, bf16, [n, c, h, w]).map_err(status)?;
-            dnn::set_filter4d_descriptor(d.w, bf16, nchw, [k, c, r, s]).map_err(status)?;
+            dnn::set_tensor4d_descriptor(d.x, format, bf16, [n, c, h, w]).map_err(status)?;
+            dnn::set_filter4d_descriptor(d.w, bf16, format, [k, c, r, s]).map_err(status)?;
             dnn::set_convolution2d_descriptor(
                 d.conv,
                 pad,
@@ -191,7 +269,7 @@ impl ConvDescriptors {
             .map_err(status)?;
             dnn::set_convolution_math_type(d.conv, dsys::cudnnMathType_t::CUDNN_TENSOR_OP_MATH)
                 .map_err(status)?;
-            dnn::set_tensor4d_descriptor(d.y, nchw, bf16, [n, k, ho, wo]).map_err(status)?;
+            dnn::set_tensor4d_descriptor(d.y, format, bf16, [n, k, ho, wo]).map_err(status)?;
         }
         Ok(d)
     }
@@ -382,39 +460,34 @@ impl Drop for Cudnn {
     }
 }
 
-/// cuDNN's state on a backend: opened lazily at the first BF16 convolution.
+/// cuDNN's state on a backend: opened lazily at the first BF16 convolution (or the
+/// first 4-D parameter, whose layout depends on it).
 pub(crate) enum CudnnState {
     /// Not tried yet.
     Unopened,
-    /// Turned off (`SD_CUDA_CONV=im2col` or `CudaBackend::set_cudnn_conv(false)`).
-    Off,
     Ready(Box<Cudnn>),
     /// Could not be opened; the reason.
     Unavailable(String),
 }
 
 impl CudnnState {
-    pub fn initial() -> Self {
-        if std::env::var("SD_CUDA_CONV").as_deref() == Ok("im2col") {
-            Self::Off
-        } else {
-            Self::Unopened
+    pub fn stats(&self, path: ConvPath) -> ConvStats {
+        if path == ConvPath::Im2col {
+            return ConvStats {
+                unavailable: Some("turned off (SD_CUDA_CONV=im2col or set_conv_path)".into()),
+                ..ConvStats::default()
+            };
         }
-    }
-
-    pub fn stats(&self) -> ConvStats {
-        match self {
+        let mut s = match self {
             Self::Ready(c) => c.stats(),
             Self::Unavailable(why) => ConvStats {
                 unavailable: Some(why.clone()),
                 ..ConvStats::default()
             },
-            Self::Off => ConvStats {
-                unavailable: Some("turned off (SD_CUDA_CONV=im2col or set_cudnn_conv)".into()),
-                ..ConvStats::default()
-            },
             Self::Unopened => ConvStats::default(),
-        }
+        };
+        s.path = path;
+        s
     }
 }
 
@@ -434,9 +507,10 @@ mod tests {
             kernel_w: 3,
             stride: 2,
             padding: 0,
+            channels_last: false,
         };
         assert_eq!(p.output_hw(), (8, 9));
-        assert_eq!(p.to_string(), "1x8x17x19 -> 12 k3x3 s2 p0");
+        assert_eq!(p.to_string(), "1x8x17x19 -> 12 k3x3 s2 p0 nchw");
         let same = ConvProblem {
             stride: 1,
             padding: 1,
@@ -457,20 +531,31 @@ mod tests {
             kernel_w: 1,
             stride: 1,
             padding: 0,
+            channels_last: true,
         };
         assert!(p.dims().unwrap_err().contains("exceeds"));
     }
 
     #[test]
-    fn stats_say_why_cudnn_is_not_used() {
-        let s = CudnnState::Unavailable("libcudnn.so.9 not found".into()).stats();
-        assert!(s.to_string().contains("libcudnn.so.9 not found"), "{s}");
-        assert!(CudnnState::Off.stats().to_string().contains("turned off"));
+    fn conv_paths_parse_by_name_and_refuse_others() {
+        for p in ConvPath::ALL {
+            assert_eq!(ConvPath::parse(p.name()).unwrap(), p);
+        }
+        let e = ConvPath::parse("channels_last").unwrap_err().to_string();
         assert!(
-            CudnnState::Unopened
-                .stats()
-                .to_string()
-                .contains("not opened")
+            e.contains("SD_CUDA_CONV") && e.contains("nhwc, nchw, im2col"),
+            "{e}"
         );
+    }
+
+    #[test]
+    fn stats_say_why_cudnn_is_not_used() {
+        let nhwc = ConvPath::CudnnNhwc;
+        let s = CudnnState::Unavailable("libcudnn.so.9 not found".into()).stats(nhwc);
+        assert!(s.to_string().contains("libcudnn.so.9 not found"), "{s}");
+        let off = CudnnState::Unopened.stats(ConvPath::Im2col);
+        assert!(off.to_string().contains("turned off"), "{off}");
+        let unopened = CudnnState::Unopened.stats(nhwc);
+        assert!(unopened.to_string().contains("not opened"), "{unopened}");
     }
 }

@@ -18,6 +18,7 @@
 //!   handle and its workspace; the `Backend` methods send it jobs and wait for them.
 
 pub mod bundle;
+mod channels_last;
 mod conv;
 mod error;
 pub mod kernels;
@@ -37,7 +38,8 @@ use sd_model::backend::{Activation, AttentionParams, Backend, Conv2dParams, Line
 use sd_model::plan::LinearQuant;
 use sd_model::{HostTensor, ModelError, WeightTensor};
 
-pub use conv::ConvStats;
+use channels_last::Layout;
+pub use conv::{ConvPath, ConvStats};
 pub use error::{CudaError, Result};
 pub use kernels::{
     CompiledKernels, KERNEL_SOURCES, compile_kernels, compile_kernels_with, find_cuda_include,
@@ -81,8 +83,11 @@ impl Drop for DeviceBuf {
 /// shape.
 #[derive(Clone)]
 pub struct CudaTensor {
+    /// The logical shape (what the model sees: NCHW for images, whatever the layout).
     shape: Vec<usize>,
     buf: Arc<DeviceBuf>,
+    /// How `buf` holds the values of `shape` (see `channels_last.rs`).
+    layout: Layout,
 }
 
 impl CudaTensor {
@@ -91,6 +96,10 @@ impl CudaTensor {
     }
     pub fn numel(&self) -> usize {
         self.shape.iter().product()
+    }
+    /// Whether the tensor is a 4-D `[N, C, H, W]` held channels-last (NHWC) on the GPU.
+    pub fn is_channels_last(&self) -> bool {
+        self.layout == Layout::ChannelsLast
     }
 }
 
@@ -268,6 +277,10 @@ const KERNEL_NAMES: &[&str] = &[
     "copy2d_f32",
     "permute_f32",
     "upsample2x_f32",
+    "upsample2x_nhwc_bf16x8",
+    "group_norm_nhwc_stats",
+    "group_norm_nhwc_finalize",
+    "group_norm_nhwc_apply",
     "gather_rows_f32",
     "im2col_f32",
 ];
@@ -490,6 +503,9 @@ struct Inner {
     param_bytes: std::cell::Cell<u64>,
     /// cuDNN for the BF16 convolutions (opened at the first one; see `conv.rs`).
     cudnn: std::cell::RefCell<conv::CudnnState>,
+    /// Where BF16 convolutions run, and so whether 4-D parameters (convolution filters)
+    /// are uploaded channels-last (`SD_CUDA_CONV`, `CudaBackend::set_conv_path`).
+    conv_path: std::cell::Cell<ConvPath>,
 }
 
 /// Sets one cuBLASLt matmul-descriptor attribute to `value`, passing the value's own
@@ -938,7 +954,8 @@ impl Inner {
             act_scale_vecs: std::cell::RefCell::new(HashMap::new()),
             pool,
             param_bytes: std::cell::Cell::new(0),
-            cudnn: std::cell::RefCell::new(conv::CudnnState::initial()),
+            cudnn: std::cell::RefCell::new(conv::CudnnState::Unopened),
+            conv_path: std::cell::Cell::new(ConvPath::from_env()?),
         })
     }
 
@@ -998,6 +1015,7 @@ impl Inner {
         CudaTensor {
             shape,
             buf: Arc::new(DeviceBuf(buf)),
+            layout: Layout::RowMajor,
         }
     }
 
@@ -2055,6 +2073,7 @@ impl Inner {
                 bias.shape
             )));
         }
+        let path = self.conv_path.get();
         let problem = conv::ConvProblem {
             batch: bn,
             in_channels: cin,
@@ -2065,13 +2084,22 @@ impl Inner {
             kernel_w: kw,
             stride: p.stride,
             padding: p.padding,
+            channels_last: path == ConvPath::CudnnNhwc,
         };
-        if self.precision != CudaPrecision::F32
-            && bn * cin * cout * h * wd > 0
-            && let Some(y) = self.conv2d_cudnn(x, w, b, &problem)?
+        if self.precision != CudaPrecision::F32 && bn * cin * cout * h * wd > 0 && path.uses_cudnn()
         {
-            return Ok(y);
+            let (xv, wv) = if problem.channels_last {
+                (self.channels_last(x)?, self.channels_last(w)?)
+            } else {
+                (self.row_major(x)?, self.row_major(w)?)
+            };
+            if let Some(y) = self.conv2d_cudnn(&xv, &wv, b, &problem)? {
+                return Ok(y);
+            }
         }
+        // im2col + GEMM reads NCHW input and KCRS filters.
+        let (x, w) = (self.row_major(x)?, self.row_major(w)?);
+        let (x, w) = (x.as_ref(), w.as_ref());
         let (ho, wo) = problem.output_hw();
         let kk = cin * kh * kw;
         // The GEMMs write f32 (the bias is added before the one BF16 rounding).
@@ -2168,14 +2196,11 @@ impl Inner {
         b: Option<&CudaTensor>,
         p: &conv::ConvProblem,
     ) -> Result<Option<CudaTensor>> {
+        if !self.cudnn_ready() {
+            return Ok(None);
+        }
         self.ctx.bind_to_thread()?;
         let mut state = self.cudnn.borrow_mut();
-        if matches!(*state, conv::CudnnState::Unopened) {
-            *state = match conv::Cudnn::open(self.stream.cu_stream()) {
-                Ok(c) => conv::CudnnState::Ready(Box::new(c)),
-                Err(why) => conv::CudnnState::Unavailable(why),
-            };
-        }
         let conv::CudnnState::Ready(dnn) = &mut *state else {
             return Ok(None);
         };
@@ -2194,7 +2219,9 @@ impl Inner {
         let y = self.talloc(n)?;
         if let Some(bias) = b {
             // The bias first; cuDNN adds the (BF16-rounded) convolution into it, saving
-            // the separate bias pass over the output.
+            // the separate bias pass over the output. Channels-last: the channel is the
+            // innermost index (a plane of one value).
+            let plane = if p.channels_last { 1 } else { ho * wo };
             self.launch(
                 "channel_fill",
                 Self::grid(n),
@@ -2202,7 +2229,7 @@ impl Inner {
                     Arg::P(self.tp(bias)),
                     Arg::P(self.sptr(&y)),
                     Arg::U(n as u64),
-                    Arg::U((ho * wo) as u64),
+                    Arg::U(plane as u64),
                     Arg::U(p.out_channels as u64),
                     Arg::I(self.r()),
                 ],
@@ -2229,7 +2256,28 @@ impl Inner {
             dnn.refuse(p, why);
             return Ok(None);
         }
-        Ok(Some(self.wrap(vec![p.batch, p.out_channels, ho, wo], y)))
+        let shape = vec![p.batch, p.out_channels, ho, wo];
+        Ok(Some(if p.channels_last {
+            self.wrap_channels_last(shape, y)
+        } else {
+            self.wrap(shape, y)
+        }))
+    }
+
+    /// Opens cuDNN on first use; whether it is ready (the convolution path may still
+    /// say im2col).
+    fn cudnn_ready(&self) -> bool {
+        if self.ctx.bind_to_thread().is_err() {
+            return false;
+        }
+        let mut state = self.cudnn.borrow_mut();
+        if matches!(*state, conv::CudnnState::Unopened) {
+            *state = match conv::Cudnn::open(self.stream.cu_stream()) {
+                Ok(c) => conv::CudnnState::Ready(Box::new(c)),
+                Err(why) => conv::CudnnState::Unavailable(why),
+            };
+        }
+        matches!(*state, conv::CudnnState::Ready(_))
     }
 
     fn attention_impl(
@@ -2614,6 +2662,7 @@ impl Inner {
     }
 
     fn download(&self, t: &CudaTensor) -> sd_model::Result<HostTensor> {
+        let t = self.rm(t)?;
         let mut data = match &t.buf.0 {
             Storage::F32(b) => me(self.stream.clone_dtoh(b).map_err(CudaError::from))?,
             Storage::Bf16(b) => me(self.stream.clone_dtoh(b).map_err(CudaError::from))?
@@ -2631,7 +2680,15 @@ impl Inner {
     fn load_param(&self, w: &WeightTensor<'_>) -> sd_model::Result<CudaTensor> {
         self.param_bytes
             .set(self.param_bytes.get() + (self.es() * w.numel()) as u64);
-        self.upload(&w.to_host())
+        let host = w.to_host();
+        if host.shape.len() == 4 && self.conv_filters_channels_last() {
+            // A convolution filter [K, C, R, S] goes up as KRSC, the layout cuDNN's
+            // channels-last kernels read: transposed once here, not at every call. (The
+            // models have no other 4-D parameters; any other reader gets a row-major copy.)
+            let t = self.upload(&channels_last::host_krsc(&host))?;
+            return Ok(Self::relabel(&t, host.shape, Layout::ChannelsLast));
+        }
+        self.upload(&host)
     }
 
     fn load_linear(
@@ -2947,6 +3004,13 @@ impl Inner {
                 s[1], gamma.shape, beta.shape
             )));
         }
+        // Channels-last input (the VAE): normalised in place of layout where the kernels
+        // take it.
+        if let Some(y) = me(self.group_norm_channels_last(x, groups, gamma, beta, eps, silu))? {
+            return Ok(y);
+        }
+        let x = self.rm(x)?;
+        let x = x.as_ref();
         let out = me(self.talloc(x.numel()))?;
         let len = (s[1] / groups) * s[2] * s[3];
         let blocks = s[0] * groups;
@@ -3036,6 +3100,11 @@ impl Inner {
         if s.len() != 4 {
             return Err(ModelError::backend("upsample: expected [B, C, H, W]"));
         }
+        if let Some(y) = me(self.upsample_channels_last(x))? {
+            return Ok(y);
+        }
+        let x = self.rm(x)?;
+        let x = x.as_ref();
         let n = x.numel() * 4;
         let out = me(self.talloc(n))?;
         if n > 0 {
@@ -3130,10 +3199,32 @@ impl Inner {
             Activation::QuickGelu => 4,
             Activation::Relu => 5,
         };
-        me(self.unary(x, op, 0.0, 0.0))
+        self.elementwise_any_layout(x, |p| me(self.unary(p, op, 0.0, 0.0)))
+    }
+
+    /// An elementwise operation of `x` in whatever layout it has: a channels-last tensor
+    /// is given to `f` as its physical `[N, H, W, C]` and the result keeps the layout.
+    fn elementwise_any_layout(
+        &self,
+        x: &CudaTensor,
+        f: impl FnOnce(&CudaTensor) -> sd_model::Result<CudaTensor>,
+    ) -> sd_model::Result<CudaTensor> {
+        if !x.is_channels_last() {
+            return f(x);
+        }
+        let y = f(&Self::physical(x))?;
+        Ok(Self::relabel(&y, x.shape.clone(), Layout::ChannelsLast))
     }
 
     fn add(&self, a: &CudaTensor, b: &CudaTensor) -> sd_model::Result<CudaTensor> {
+        if a.is_channels_last() && b.is_channels_last() && a.shape == b.shape {
+            // The VAE's residual adds: both channels-last, one value per value.
+            let pb = Self::physical(b);
+            return self
+                .elementwise_any_layout(a, |pa| me(self.binary(pa, &pb, pa.numel(), 0, 0.0)));
+        }
+        let (a, b) = (self.rm(a)?, self.rm(b)?);
+        let (a, b) = (a.as_ref(), b.as_ref());
         let (sa, sb) = (&a.shape, &b.shape);
         let period = if sa == sb {
             a.numel()
@@ -3151,11 +3242,17 @@ impl Inner {
 
     fn mul(&self, a: &CudaTensor, b: &CudaTensor) -> sd_model::Result<CudaTensor> {
         me(Self::same(&a.shape, &b.shape, "mul"))?;
+        if a.is_channels_last() && b.is_channels_last() {
+            let pb = Self::physical(b);
+            return self.elementwise_any_layout(a, |pa| me(self.binary(pa, &pb, 1, 1, 0.0)));
+        }
+        let (a, b) = (self.rm(a)?, self.rm(b)?);
+        let (a, b) = (a.as_ref(), b.as_ref());
         me(self.binary(a, b, 1, 1, 0.0))
     }
 
     fn scale_shift(&self, x: &CudaTensor, a: f32, b: f32) -> sd_model::Result<CudaTensor> {
-        me(self.unary(x, 6, a, b))
+        self.elementwise_any_layout(x, |p| me(self.unary(p, 6, a, b)))
     }
 
     fn gated_add(
@@ -3597,23 +3694,19 @@ impl CudaBackend {
         })
     }
 
-    /// Which path the convolutions took: cuDNN (version, algorithm per problem) or
-    /// im2col + GEMM, and why.
+    /// Which path the convolutions took: cuDNN (version, layout, algorithm per problem)
+    /// or im2col + GEMM, and why.
     pub fn conv_stats(&self) -> Result<ConvStats> {
-        self.run(|i| i.cudnn.borrow().stats())
+        self.run(|i| i.cudnn.borrow().stats(i.conv_path.get()))
     }
 
-    /// Runs BF16 convolutions on cuDNN (the default where libcudnn 9 loads) or, with
-    /// `false`, on the im2col + GEMM path (for side-by-side measurements).
-    pub fn set_cudnn_conv(&self, on: bool) -> Result<()> {
-        self.run(|i| {
-            let mut s = i.cudnn.borrow_mut();
-            match (&*s, on) {
-                (conv::CudnnState::Off, true) => *s = conv::CudnnState::Unopened,
-                (_, false) => *s = conv::CudnnState::Off,
-                _ => {}
-            }
-        })
+    /// Where BF16 convolutions run from now on: cuDNN on channels-last tensors (the
+    /// default where libcudnn 9 loads), cuDNN on NCHW, or im2col + GEMM (for
+    /// side-by-side measurements). Convolution filters loaded afterwards are stored in
+    /// the layout the path reads; those loaded before still work on any path (converted
+    /// at each call), so a fair comparison loads its model after choosing the path.
+    pub fn set_conv_path(&self, path: ConvPath) -> Result<()> {
+        self.run(|i| i.conv_path.set(path))
     }
 
     /// Hands over FP8 weights exactly as an engine bundle stores them (layer name ->
@@ -3740,10 +3833,10 @@ impl Backend for CudaBackend {
         self.call(|i| i.load_linear(spec, weight, bias, packed))
     }
     fn linear(&self, x: &CudaTensor, layer: &CudaLinear) -> sd_model::Result<CudaTensor> {
-        self.call(|i| i.linear(x, layer))
+        self.call(|i| i.linear(&*i.rm(x)?, layer))
     }
     fn linear_gelu(&self, x: &CudaTensor, layer: &CudaLinear) -> sd_model::Result<CudaTensor> {
-        self.call(|i| i.linear_gelu(x, layer))
+        self.call(|i| i.linear_gelu(&*i.rm(x)?, layer))
     }
     fn layer_norm(
         &self,
@@ -3752,7 +3845,7 @@ impl Backend for CudaBackend {
         beta: Option<&CudaTensor>,
         eps: f32,
     ) -> sd_model::Result<CudaTensor> {
-        self.call(|i| i.layer_norm(x, gamma, beta, eps))
+        self.call(|i| i.layer_norm(&*i.rm(x)?, gamma, beta, eps))
     }
     fn modulate(
         &self,
@@ -3760,7 +3853,7 @@ impl Backend for CudaBackend {
         shift: &CudaTensor,
         scale: &CudaTensor,
     ) -> sd_model::Result<CudaTensor> {
-        self.call(|i| i.modulate(x, shift, scale))
+        self.call(|i| i.modulate(&*i.rm(x)?, shift, scale))
     }
     fn layer_norm_modulate(
         &self,
@@ -3769,7 +3862,7 @@ impl Backend for CudaBackend {
         scale: &CudaTensor,
         eps: f32,
     ) -> sd_model::Result<CudaTensor> {
-        self.call(|i| i.layer_norm_modulate(x, shift, scale, eps))
+        self.call(|i| i.layer_norm_modulate(&*i.rm(x)?, shift, scale, eps))
     }
     fn rms_norm(
         &self,
@@ -3777,7 +3870,7 @@ impl Backend for CudaBackend {
         gamma: Option<&CudaTensor>,
         eps: f32,
     ) -> sd_model::Result<CudaTensor> {
-        self.call(|i| i.rms_norm(x, gamma, eps))
+        self.call(|i| i.rms_norm(&*i.rm(x)?, gamma, eps))
     }
     fn group_norm(
         &self,
@@ -3818,7 +3911,7 @@ impl Backend for CudaBackend {
         v: &CudaTensor,
         p: AttentionParams<'_, CudaTensor>,
     ) -> sd_model::Result<CudaTensor> {
-        self.call(|i| i.attention(q, k, v, p))
+        self.call(|i| i.attention(&*i.rm(q)?, &*i.rm(k)?, &*i.rm(v)?, p))
     }
     fn gated_add_layer_norm_modulate(
         &self,
@@ -3829,7 +3922,9 @@ impl Backend for CudaBackend {
         scale: &CudaTensor,
         eps: f32,
     ) -> sd_model::Result<(CudaTensor, CudaTensor)> {
-        match self.call(|i| i.gated_add_layer_norm_modulate(x, gate, y, shift, scale, eps))? {
+        match self.call(|i| {
+            i.gated_add_layer_norm_modulate(&*i.rm(x)?, gate, &*i.rm(y)?, shift, scale, eps)
+        })? {
             Some(out) => Ok(out),
             None => {
                 let r = self.gated_add(x, gate, y)?;
@@ -3844,7 +3939,11 @@ impl Backend for CudaBackend {
         context: [&CudaTensor; 3],
         p: AttentionParams<'_, CudaTensor>,
     ) -> sd_model::Result<(CudaTensor, CudaTensor)> {
-        match self.call(|i| i.joint_attention(image, context, p))? {
+        match self.call(|i| {
+            let (iq, ik, iv) = (i.rm(image[0])?, i.rm(image[1])?, i.rm(image[2])?);
+            let (cq, ck, cv) = (i.rm(context[0])?, i.rm(context[1])?, i.rm(context[2])?);
+            i.joint_attention([&iq, &ik, &iv], [&cq, &ck, &cv], p)
+        })? {
             Some(out) => Ok(out),
             None => sd_model::backend::joint_attention_by_concat(self, image, context, p),
         }
@@ -3867,10 +3966,17 @@ impl Backend for CudaBackend {
         gate: &CudaTensor,
         y: &CudaTensor,
     ) -> sd_model::Result<CudaTensor> {
-        self.call(|i| i.gated_add(x, gate, y))
+        self.call(|i| i.gated_add(&*i.rm(x)?, gate, &*i.rm(y)?))
     }
     fn concat(&self, parts: &[&CudaTensor], dim: usize) -> sd_model::Result<CudaTensor> {
-        self.call(|i| i.concat(parts, dim))
+        self.call(|i| {
+            let parts = parts
+                .iter()
+                .map(|p| i.rm(p))
+                .collect::<sd_model::Result<Vec<_>>>()?;
+            let parts: Vec<&CudaTensor> = parts.iter().map(|p| p.as_ref()).collect();
+            i.concat(&parts, dim)
+        })
     }
     fn narrow(
         &self,
@@ -3879,7 +3985,7 @@ impl Backend for CudaBackend {
         start: usize,
         len: usize,
     ) -> sd_model::Result<CudaTensor> {
-        self.call(|i| i.narrow(x, dim, start, len))
+        self.call(|i| i.narrow(&*i.rm(x)?, dim, start, len))
     }
     fn reshape(&self, x: &CudaTensor, shape: &[usize]) -> sd_model::Result<CudaTensor> {
         if shape.iter().product::<usize>() != x.numel() {
@@ -3888,16 +3994,50 @@ impl Backend for CudaBackend {
                 x.shape
             )));
         }
-        Ok(CudaTensor {
-            shape: shape.to_vec(),
-            buf: x.buf.clone(),
-        })
+        if x.is_channels_last() {
+            // A reshape reads the values in row-major order.
+            let x = self.call(|i| i.rm(x).map(|x| x.into_owned()))?;
+            return Ok(Inner::relabel(&x, shape.to_vec(), Layout::RowMajor));
+        }
+        Ok(Inner::relabel(x, shape.to_vec(), Layout::RowMajor))
+    }
+    fn patchify(&self, x: &CudaTensor, patch: usize) -> sd_model::Result<CudaTensor> {
+        if patch == 1 && x.is_channels_last() && x.shape.len() == 4 {
+            // One-pixel patches of a channels-last image are its buffer as it is.
+            let (b, c, h, w) = (x.shape[0], x.shape[1], x.shape[2], x.shape[3]);
+            return Ok(Inner::relabel(x, vec![b, h * w, c], Layout::RowMajor));
+        }
+        sd_model::backend::patchify_by_permute(self, x, patch)
+    }
+    fn unpatchify(
+        &self,
+        x: &CudaTensor,
+        patch: usize,
+        like: &CudaTensor,
+    ) -> sd_model::Result<CudaTensor> {
+        let (d, l) = (&x.shape, &like.shape);
+        if patch == 1
+            && like.is_channels_last()
+            && !x.is_channels_last()
+            && d.len() == 3
+            && l.len() == 4
+            && d[0] == l[0]
+            && d[1] == l[2] * l[3]
+        {
+            // Tokens [B, H*W, C] are the channels-last buffer of [B, C, H, W] as they are.
+            return Ok(Inner::relabel(
+                x,
+                vec![d[0], d[2], l[2], l[3]],
+                Layout::ChannelsLast,
+            ));
+        }
+        sd_model::backend::unpatchify_by_permute(self, x, patch, like)
     }
     fn permute(&self, x: &CudaTensor, perm: &[usize]) -> sd_model::Result<CudaTensor> {
-        self.call(|i| i.permute(x, perm))
+        self.call(|i| i.permute(&*i.rm(x)?, perm))
     }
     fn pad_last(&self, x: &CudaTensor, size: usize) -> sd_model::Result<CudaTensor> {
-        self.call(|i| i.pad_last(x, size))
+        self.call(|i| i.pad_last(&*i.rm(x)?, size))
     }
     fn embedding(
         &self,
@@ -3906,10 +4046,10 @@ impl Backend for CudaBackend {
         batch: usize,
         seq: usize,
     ) -> sd_model::Result<CudaTensor> {
-        self.call(|i| i.embedding(table, ids, batch, seq))
+        self.call(|i| i.embedding(&*i.rm(table)?, ids, batch, seq))
     }
     fn select_tokens(&self, x: &CudaTensor, index: &[usize]) -> sd_model::Result<CudaTensor> {
-        self.call(|i| i.select_tokens(x, index))
+        self.call(|i| i.select_tokens(&*i.rm(x)?, index))
     }
     fn guidance(
         &self,
@@ -3917,10 +4057,10 @@ impl Backend for CudaBackend {
         cond: &CudaTensor,
         g: f32,
     ) -> sd_model::Result<CudaTensor> {
-        self.call(|i| i.guidance(uncond, cond, g))
+        self.call(|i| i.guidance(&*i.rm(uncond)?, &*i.rm(cond)?, g))
     }
     fn euler_step(&self, x: &CudaTensor, v: &CudaTensor, dt: f32) -> sd_model::Result<CudaTensor> {
-        self.call(|i| i.euler_step(x, v, dt))
+        self.call(|i| i.euler_step(&*i.rm(x)?, &*i.rm(v)?, dt))
     }
 }
 

@@ -363,21 +363,7 @@ pub trait Backend: Send + Sync {
     /// with the traced sizes; a graph-building backend computes the shapes in the graph so
     /// that H and W can be dynamic.
     fn patchify(&self, x: &Self::Tensor, patch: usize) -> Result<Self::Tensor> {
-        let d = self.dims(x);
-        if d.len() != 4 || patch == 0 || !d[2].is_multiple_of(patch) || !d[3].is_multiple_of(patch)
-        {
-            return Err(ModelError::input(format!(
-                "cannot cut {d:?} into patches of {patch}"
-            )));
-        }
-        let (b, c, h, w) = (d[0], d[1], d[2], d[3]);
-        if patch == 1 {
-            return self.permute(&self.reshape(x, &[b, c, h * w])?, &[0, 2, 1]);
-        }
-        let (gh, gw) = (h / patch, w / patch);
-        let x = self.reshape(x, &[b, c, gh, patch, gw, patch])?;
-        let x = self.permute(&x, &[0, 2, 4, 1, 3, 5])?;
-        self.reshape(&x, &[b, gh * gw, c * patch * patch])
+        patchify_by_permute(self, x, patch)
     }
 
     /// The inverse layout for an output: `x [B, (H/p)*(W/p), p*p*C]`, each patch row-major
@@ -389,31 +375,7 @@ pub trait Backend: Send + Sync {
         patch: usize,
         like: &Self::Tensor,
     ) -> Result<Self::Tensor> {
-        let (d, l) = (self.dims(x), self.dims(like));
-        if d.len() != 3
-            || l.len() != 4
-            || patch == 0
-            || !l[2].is_multiple_of(patch)
-            || !l[3].is_multiple_of(patch)
-        {
-            return Err(ModelError::input(format!(
-                "cannot lay {d:?} out in patches of {patch} over {l:?}"
-            )));
-        }
-        let (b, h, w) = (d[0], l[2], l[3]);
-        let (gh, gw) = (h / patch, w / patch);
-        let c = d[2] / (patch * patch);
-        if d[1] != gh * gw || c * patch * patch != d[2] {
-            return Err(ModelError::input(format!(
-                "{d:?} is not {gh}x{gw} patches of {patch}x{patch} pixels"
-            )));
-        }
-        if patch == 1 {
-            return self.reshape(&self.permute(x, &[0, 2, 1])?, &[b, c, h, w]);
-        }
-        let x = self.reshape(x, &[b, gh, gw, patch, patch, c])?;
-        let x = self.permute(&x, &[0, 5, 1, 3, 2, 4])?;
-        self.reshape(&x, &[b, c, h, w])
+        unpatchify_by_permute(self, x, patch, like)
     }
 
     /// diffusers' `PatchEmbed.cropped_pos_embed`: the centre `(H/p) x (W/p)` window of the
@@ -482,6 +444,63 @@ pub trait Backend: Send + Sync {
     fn guidance(&self, uncond: &Self::Tensor, cond: &Self::Tensor, g: f32) -> Result<Self::Tensor>;
     /// One Euler step of the flow-matching ODE in f32: `x + dt * v`.
     fn euler_step(&self, x: &Self::Tensor, v: &Self::Tensor, dt: f32) -> Result<Self::Tensor>;
+}
+
+/// [`Backend::patchify`] through `reshape` and `permute` (the default; a backend that
+/// overrides it for a layout of its own calls this for the rest).
+pub fn patchify_by_permute<B: Backend + ?Sized>(
+    be: &B,
+    x: &B::Tensor,
+    patch: usize,
+) -> Result<B::Tensor> {
+    let d = be.dims(x);
+    if d.len() != 4 || patch == 0 || !d[2].is_multiple_of(patch) || !d[3].is_multiple_of(patch) {
+        return Err(ModelError::input(format!(
+            "cannot cut {d:?} into patches of {patch}"
+        )));
+    }
+    let (b, c, h, w) = (d[0], d[1], d[2], d[3]);
+    if patch == 1 {
+        return be.permute(&be.reshape(x, &[b, c, h * w])?, &[0, 2, 1]);
+    }
+    let (gh, gw) = (h / patch, w / patch);
+    let x = be.reshape(x, &[b, c, gh, patch, gw, patch])?;
+    let x = be.permute(&x, &[0, 2, 4, 1, 3, 5])?;
+    be.reshape(&x, &[b, gh * gw, c * patch * patch])
+}
+
+/// [`Backend::unpatchify`] through `reshape` and `permute` (the default).
+pub fn unpatchify_by_permute<B: Backend + ?Sized>(
+    be: &B,
+    x: &B::Tensor,
+    patch: usize,
+    like: &B::Tensor,
+) -> Result<B::Tensor> {
+    let (d, l) = (be.dims(x), be.dims(like));
+    if d.len() != 3
+        || l.len() != 4
+        || patch == 0
+        || !l[2].is_multiple_of(patch)
+        || !l[3].is_multiple_of(patch)
+    {
+        return Err(ModelError::input(format!(
+            "cannot lay {d:?} out in patches of {patch} over {l:?}"
+        )));
+    }
+    let (b, h, w) = (d[0], l[2], l[3]);
+    let (gh, gw) = (h / patch, w / patch);
+    let c = d[2] / (patch * patch);
+    if d[1] != gh * gw || c * patch * patch != d[2] {
+        return Err(ModelError::input(format!(
+            "{d:?} is not {gh}x{gw} patches of {patch}x{patch} pixels"
+        )));
+    }
+    if patch == 1 {
+        return be.reshape(&be.permute(x, &[0, 2, 1])?, &[b, c, h, w]);
+    }
+    let x = be.reshape(x, &[b, gh, gw, patch, patch, c])?;
+    let x = be.permute(&x, &[0, 5, 1, 3, 2, 4])?;
+    be.reshape(&x, &[b, c, h, w])
 }
 
 /// Helper used by model code: a linear layer's spec.
