@@ -358,12 +358,21 @@ fn suite<B: Backend>(b: &B, fp8: bool) -> R<Vec<(String, HostTensor)>> {
     let sx = up(&rng.tensor(&[1, 32, 12, 10], 1.0))?;
     let h1 = b.conv2d(&sx, &w1, Some(&b1), same)?;
     let h = b.group_norm_silu(&h1, 32, &gn_g, &gn_b, 1e-6)?;
-    let h = b.conv2d(&h, &w2, Some(&b2), same)?;
-    let h = b.add(&h1, &h)?;
+    let h = b.conv2d_add(&h, &w2, Some(&b2), same, &h1)?;
     let h = b.upsample_nearest2x(&h)?;
     out.push((
-        "VAE stage: conv, gn+silu, conv, add, upsample".into(),
+        "VAE stage: conv, gn+silu, conv + residual, upsample".into(),
         b.download(&h)?,
+    ));
+    // The residual add without a bias, and with a residual uploaded as NCHW.
+    let r = up(&rng.tensor(&[1, 64, 12, 10], 1.0))?;
+    out.push((
+        "conv2d_add, no bias".into(),
+        b.download(&b.conv2d_add(&h1, &w2, None, same, &h1)?)?,
+    ));
+    out.push((
+        "conv2d_add, NCHW residual".into(),
+        b.download(&b.conv2d_add(&h1, &w2, Some(&b2), same, &r)?)?,
     ));
     let n = b.group_norm(&h, 32, &gn_g, &gn_b, 1e-6)?;
     let t = b.linear(&b.patchify(&n, 1)?, &tok)?;

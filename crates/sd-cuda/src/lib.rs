@@ -285,6 +285,20 @@ const KERNEL_NAMES: &[&str] = &[
     "im2col_f32",
 ];
 
+/// What a cuDNN convolution's output holds before the convolution is added into it.
+#[derive(Clone, Copy)]
+enum ConvFill<'a> {
+    /// Nothing (beta = 0).
+    Nothing,
+    /// The bias, broadcast over the pixels.
+    Bias(&'a CudaTensor),
+    /// A residual of the output's shape and layout, plus the bias if any.
+    Residual {
+        residual: &'a CudaTensor,
+        bias: Option<&'a CudaTensor>,
+    },
+}
+
 /// A kernel argument.
 #[derive(Clone, Copy)]
 enum Arg {
@@ -2049,13 +2063,17 @@ impl Inner {
         Ok(self.wrap(shape, out))
     }
 
+    /// The convolution; with `residual` (`conv2d_add`), the residual added in the same
+    /// cuDNN call where the channels-last path takes it: then the second value is true,
+    /// otherwise the caller still has to add it.
     fn conv2d_impl(
         &self,
         x: &CudaTensor,
         w: &CudaTensor,
         b: Option<&CudaTensor>,
         p: Conv2dParams,
-    ) -> Result<CudaTensor> {
+        residual: Option<&CudaTensor>,
+    ) -> Result<(CudaTensor, bool)> {
         let (xs, ws) = (&x.shape, &w.shape);
         if xs.len() != 4 || ws.len() != 4 || ws[1] != xs[1] || p.stride == 0 {
             return Err(bad(format!("conv2d: input {xs:?}, kernel {ws:?}")));
@@ -2093,8 +2111,16 @@ impl Inner {
             } else {
                 (self.row_major(x)?, self.row_major(w)?)
             };
-            if let Some(y) = self.conv2d_cudnn(&xv, &wv, b, &problem)? {
-                return Ok(y);
+            let (ho, wo) = problem.output_hw();
+            let fused = residual.filter(|r| {
+                problem.channels_last && r.is_channels_last() && r.shape == [bn, cout, ho, wo]
+            });
+            let fill = match fused {
+                Some(residual) => ConvFill::Residual { residual, bias: b },
+                None => b.map_or(ConvFill::Nothing, ConvFill::Bias),
+            };
+            if let Some(y) = self.conv2d_cudnn(&xv, &wv, fill, &problem)? {
+                return Ok((y, fused.is_some()));
             }
         }
         // im2col + GEMM reads NCHW input and KCRS filters.
@@ -2184,7 +2210,7 @@ impl Inner {
             ],
         )?;
         drop(out);
-        Ok(self.wrap(vec![bn, cout, ho, wo], y))
+        Ok((self.wrap(vec![bn, cout, ho, wo], y), false))
     }
 
     /// The convolution on cuDNN (BF16 storage), or None when cuDNN is unavailable, turned
@@ -2193,7 +2219,7 @@ impl Inner {
         &self,
         x: &CudaTensor,
         w: &CudaTensor,
-        b: Option<&CudaTensor>,
+        fill: ConvFill<'_>,
         p: &conv::ConvProblem,
     ) -> Result<Option<CudaTensor>> {
         if !self.cudnn_ready() {
@@ -2216,37 +2242,59 @@ impl Inner {
         };
         let (ho, wo) = p.output_hw();
         let n = p.batch * p.out_channels * ho * wo;
-        let y = self.talloc(n)?;
-        if let Some(bias) = b {
-            // The bias first; cuDNN adds the (BF16-rounded) convolution into it, saving
-            // the separate bias pass over the output. Channels-last: the channel is the
-            // innermost index (a plane of one value).
-            let plane = if p.channels_last { 1 } else { ho * wo };
-            self.launch(
-                "channel_fill",
-                Self::grid(n),
-                &[
-                    Arg::P(self.tp(bias)),
-                    Arg::P(self.sptr(&y)),
-                    Arg::U(n as u64),
-                    Arg::U(plane as u64),
-                    Arg::U(p.out_channels as u64),
-                    Arg::I(self.r()),
-                ],
-            )?;
-        }
+        // What cuDNN adds the (BF16-rounded) convolution into (beta = 1), written first:
+        // it saves a separate pass over the output for the bias, and for the residual.
+        let y = match fill {
+            ConvFill::Nothing => self.wrap(vec![n], self.talloc(n)?),
+            ConvFill::Bias(bias) => {
+                let y = self.talloc(n)?;
+                // Channels-last: the channel is the innermost index (a plane of one value).
+                let plane = if p.channels_last { 1 } else { ho * wo };
+                self.launch(
+                    "channel_fill",
+                    Self::grid(n),
+                    &[
+                        Arg::P(self.tp(bias)),
+                        Arg::P(self.sptr(&y)),
+                        Arg::U(n as u64),
+                        Arg::U(plane as u64),
+                        Arg::U(p.out_channels as u64),
+                        Arg::I(self.r()),
+                    ],
+                )?;
+                self.wrap(vec![n], y)
+            }
+            // residual + bias (channels-last only: the bias repeats every C values), or
+            // a copy of the residual.
+            ConvFill::Residual { residual, bias } => {
+                let r = Self::physical(residual);
+                match bias {
+                    Some(bias) if p.channels_last => {
+                        self.binary(&r, bias, p.out_channels, 0, 0.0)?
+                    }
+                    None => self.unary(&r, 6, 1.0, 0.0)?,
+                    Some(_) => {
+                        return Err(bad("conv2d: a residual with a bias needs channels-last"));
+                    }
+                }
+            }
+        };
         let workspace = self.alloc::<u8>(plan.workspace_bytes)?;
-        let beta = if b.is_some() { 1.0 } else { 0.0 };
+        let beta = if matches!(fill, ConvFill::Nothing) {
+            0.0
+        } else {
+            1.0
+        };
         // SAFETY: x, w and y are live BF16 buffers of the shapes `descs` describes (x and
-        // w checked by conv2d_impl, y allocated above), the workspace has the plan's size,
-        // and cuDNN runs on this backend's stream.
+        // w checked by the caller, y made above with the output's element count), the
+        // workspace has the plan's size, and cuDNN runs on this backend's stream.
         let run = unsafe {
             dnn.forward(
                 &descs,
                 &plan,
                 self.tp(x),
                 self.tp(w),
-                self.sptr(&y),
+                self.tp(&y),
                 self.ptr(&workspace),
                 beta,
             )
@@ -2257,11 +2305,12 @@ impl Inner {
             return Ok(None);
         }
         let shape = vec![p.batch, p.out_channels, ho, wo];
-        Ok(Some(if p.channels_last {
-            self.wrap_channels_last(shape, y)
+        let layout = if p.channels_last {
+            Layout::ChannelsLast
         } else {
-            self.wrap(shape, y)
-        }))
+            Layout::RowMajor
+        };
+        Ok(Some(Self::relabel(&y, shape, layout)))
     }
 
     /// Opens cuDNN on first use; whether it is ready (the convolution path may still
@@ -3092,7 +3141,22 @@ impl Inner {
         b: Option<&CudaTensor>,
         p: Conv2dParams,
     ) -> sd_model::Result<CudaTensor> {
-        me(self.conv2d_impl(x, w, b, p))
+        Ok(me(self.conv2d_impl(x, w, b, p, None))?.0)
+    }
+
+    fn conv2d_add(
+        &self,
+        x: &CudaTensor,
+        w: &CudaTensor,
+        b: Option<&CudaTensor>,
+        p: Conv2dParams,
+        residual: &CudaTensor,
+    ) -> sd_model::Result<CudaTensor> {
+        let (y, fused) = me(self.conv2d_impl(x, w, b, p, Some(residual)))?;
+        if fused {
+            return Ok(y);
+        }
+        self.add(residual, &y)
     }
 
     fn upsample_nearest2x(&self, x: &CudaTensor) -> sd_model::Result<CudaTensor> {
@@ -3900,6 +3964,16 @@ impl Backend for CudaBackend {
         p: Conv2dParams,
     ) -> sd_model::Result<CudaTensor> {
         self.call(|i| i.conv2d(x, w, b, p))
+    }
+    fn conv2d_add(
+        &self,
+        x: &CudaTensor,
+        w: &CudaTensor,
+        b: Option<&CudaTensor>,
+        p: Conv2dParams,
+        residual: &CudaTensor,
+    ) -> sd_model::Result<CudaTensor> {
+        self.call(|i| i.conv2d_add(x, w, b, p, residual))
     }
     fn upsample_nearest2x(&self, x: &CudaTensor) -> sd_model::Result<CudaTensor> {
         self.call(|i| i.upsample_nearest2x(x))

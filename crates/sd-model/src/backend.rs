@@ -244,6 +244,21 @@ pub trait Backend: Send + Sync {
         p: Conv2dParams,
     ) -> Result<Self::Tensor>;
 
+    /// `residual + conv2d(x, w, b)` (the VAE resnets' skip connection): two operations by
+    /// default. A backend may add the residual inside the convolution; its rounding
+    /// order may then differ (by a rounding step of its storage type).
+    fn conv2d_add(
+        &self,
+        x: &Self::Tensor,
+        w: &Self::Tensor,
+        b: Option<&Self::Tensor>,
+        p: Conv2dParams,
+        residual: &Self::Tensor,
+    ) -> Result<Self::Tensor> {
+        let y = self.conv2d(x, w, b, p)?;
+        self.add(residual, &y)
+    }
+
     /// Nearest-neighbour 2x upsampling of `[B, C, H, W]`.
     fn upsample_nearest2x(&self, x: &Self::Tensor) -> Result<Self::Tensor>;
 

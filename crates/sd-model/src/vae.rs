@@ -34,6 +34,10 @@ impl<B: Backend> Conv<B> {
     fn forward(&self, b: &B, x: &B::Tensor) -> Result<B::Tensor> {
         b.conv2d(x, &self.w, Some(&self.b), self.p)
     }
+    /// `residual + conv(x)`.
+    fn forward_add(&self, b: &B, x: &B::Tensor, residual: &B::Tensor) -> Result<B::Tensor> {
+        b.conv2d_add(x, &self.w, Some(&self.b), self.p, residual)
+    }
 }
 
 struct Resnet<B: Backend> {
@@ -62,12 +66,11 @@ impl<B: Backend> Resnet<B> {
         let h = b.group_norm_silu(x, groups, &self.norm1.0, &self.norm1.1, EPS)?;
         let h = self.conv1.forward(b, &h)?;
         let h = b.group_norm_silu(&h, groups, &self.norm2.0, &self.norm2.1, EPS)?;
-        let h = self.conv2.forward(b, &h)?;
         let skip = match &self.shortcut {
             Some(c) => c.forward(b, x)?,
             None => x.clone(),
         };
-        b.add(&skip, &h)
+        self.conv2.forward_add(b, &h, &skip)
     }
 }
 
