@@ -521,6 +521,86 @@ fn compare(
     }
 }
 
+/// The norms that write the next FP8 linear layer's input codes in their own pass
+/// (`layer_norm_modulate_for`, `gated_add_layer_norm_modulate_for`) must change nothing:
+/// the normalized output and the linear layer's output bit for bit equal to the norm,
+/// then the linear quantizing its input itself. E4M3 and E5M2 inputs, 1536 channels (the
+/// one-warp-per-row kernels), two batch entries with their own modulation.
+fn fused_input_codes(rep: &mut Report, gpu: &CudaBackend) -> R<()> {
+    let mut rng = Rng(7);
+    let (rows, c) = (300usize, 1536usize);
+    let up = |t: &HostTensor| gpu.upload(t);
+    let x = up(&rng.tensor(&[2, rows, c], 2.0))?;
+    let y = up(&rng.tensor(&[2, rows, c], 1.0))?;
+    let gate = up(&rng.tensor(&[2, c], 0.5))?;
+    let shift = up(&rng.tensor(&[2, c], 0.3))?;
+    let scale = up(&rng.tensor(&[2, c], 0.3))?;
+    let w = rng.tensor(&[256, c], 0.05);
+    for (act, act_scale) in [
+        (Fp8Format::E4M3, 6.0 / 448.0),
+        (Fp8Format::E5M2, 6.0 / 57344.0 * 64.0),
+    ] {
+        let spec = LinearSpec {
+            name: format!("fused codes {}", act.name()),
+            in_features: c,
+            out_features: 256,
+            quant: fp8_quant(&w, act, act_scale),
+        };
+        let l = gpu.load_linear(&spec, &WeightTensor::from_host("w", &w), None)?;
+        let plain = gpu.layer_norm_modulate(&x, &shift, &scale, 1e-6)?;
+        let plain_out = gpu.download(&gpu.linear(&plain, &l)?)?;
+        // Profiled: the linear after the fused norm must not quantize its input again.
+        gpu.set_profiling(true)?;
+        let fused = gpu.layer_norm_modulate_for(&x, &shift, &scale, 1e-6, &l)?;
+        let fused_out = gpu.download(&gpu.linear(&fused, &l)?)?;
+        let requantized: Vec<String> = gpu
+            .profile()?
+            .into_iter()
+            .map(|(op, _, _)| op)
+            .filter(|op| op.starts_with("quantize fp8"))
+            .collect();
+        gpu.set_profiling(false)?;
+        rep.check(
+            &format!(
+                "layer_norm_modulate_for an FP8 {} linear: codes used",
+                act.name()
+            ),
+            requantized.is_empty(),
+            format!("separate quantize passes after the fused norm: {requantized:?}"),
+        );
+        let same = gpu.download(&plain)?.data == gpu.download(&fused)?.data
+            && plain_out.data == fused_out.data;
+        rep.check(
+            &format!("layer_norm_modulate_for an FP8 {} linear", act.name()),
+            same,
+            format!(
+                "norm and linear outputs {}identical to the unfused ops",
+                if same { "" } else { "NOT " }
+            ),
+        );
+        let (pr, pn) = gpu.gated_add_layer_norm_modulate(&x, &gate, &y, &shift, &scale, 1e-6)?;
+        let plain_out = gpu.download(&gpu.linear(&pn, &l)?)?;
+        let (fr, fnorm) =
+            gpu.gated_add_layer_norm_modulate_for(&x, &gate, &y, &shift, &scale, 1e-6, &l)?;
+        let fused_out = gpu.download(&gpu.linear(&fnorm, &l)?)?;
+        let same = gpu.download(&pr)?.data == gpu.download(&fr)?.data
+            && gpu.download(&pn)?.data == gpu.download(&fnorm)?.data
+            && plain_out.data == fused_out.data;
+        rep.check(
+            &format!(
+                "gated_add_layer_norm_modulate_for an FP8 {} linear",
+                act.name()
+            ),
+            same,
+            format!(
+                "residual, norm and linear outputs {}identical to the unfused ops",
+                if same { "" } else { "NOT " }
+            ),
+        );
+    }
+    Ok(())
+}
+
 fn quantize_codes(rep: &mut Report, gpu: &CudaBackend) -> R<()> {
     let mut rng = Rng(42);
     let mut vals: Vec<f32> = (0..100_000).map(|_| rng.normal() * 50.0).collect();
@@ -837,6 +917,9 @@ fn run(rep: &mut Report, model: &PathBuf, ops_only: bool) -> R<()> {
         bench(rep, &gl)?;
     }
     quantize_codes(rep, &gl)?;
+    if fp8_ok {
+        fused_input_codes(rep, &gl)?;
+    }
     // Several caller threads share one backend (its owner thread serializes them).
     let mut rng = Rng(11);
     let inputs: Vec<HostTensor> = (0..8).map(|_| rng.tensor(&[3, 50, 64], 1.0)).collect();

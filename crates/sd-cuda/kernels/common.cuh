@@ -1,4 +1,5 @@
 // Shared helpers for every kernel source (prepended by the Rust side; no include).
+#include <cuda_fp8.h>
 #define SD_GRID_STRIDE(i, n) \
     for (unsigned long long i = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x; \
          i < (n); i += (unsigned long long)blockDim.x * gridDim.x)
@@ -60,4 +61,23 @@ __device__ __forceinline__ void sd_cp(void* d, unsigned long long di, const void
     } else {
         reinterpret_cast<unsigned*>(d)[di] = reinterpret_cast<const unsigned*>(s)[si];
     }
+}
+
+// Eight BF16 values (one 16-byte vector) -> their FP8 codes (8 bytes): x / s (IEEE
+// division) rounded to nearest even and saturated to the largest finite value (ONNX
+// QuantizeLinear, saturate=1); fmt 0 = E4M3 (FN), 1 = E5M2. The quantize kernel and the
+// norms that also write their output's codes both use it, so their codes are the same.
+__device__ __forceinline__ uint2 sd_fp8x8(const uint4& v, float s, int fmt) {
+    const __nv_fp8_interpretation_t f = fmt == 0 ? __NV_E4M3 : __NV_E5M2;
+    const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&v);
+    unsigned short pairs[4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+        const float2 a = __bfloat1622float2(h[j]);
+        pairs[j] = __nv_cvt_float2_to_fp8x2(make_float2(a.x / s, a.y / s), __NV_SATFINITE, f);
+    }
+    uint2 out;
+    out.x = (unsigned)pairs[0] | ((unsigned)pairs[1] << 16);
+    out.y = (unsigned)pairs[2] | ((unsigned)pairs[3] << 16);
+    return out;
 }

@@ -31,20 +31,8 @@ extern "C" __global__ void quantize_fp8_dev_x8(const __nv_bfloat16* __restrict__
                                                unsigned long long n8,
                                                const float* __restrict__ scale, int fmt) {
     const float s = *scale;
-    const __nv_fp8_interpretation_t f = fmt == 0 ? __NV_E4M3 : __NV_E5M2;
     SD_GRID_STRIDE(i, n8) {
-        const uint4 v = reinterpret_cast<const uint4*>(x)[i];
-        const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&v);
-        unsigned short pairs[4];
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-            const float2 a = __bfloat1622float2(h[j]);
-            pairs[j] = __nv_cvt_float2_to_fp8x2(make_float2(a.x / s, a.y / s), __NV_SATFINITE, f);
-        }
-        uint2 out;
-        out.x = (unsigned)pairs[0] | ((unsigned)pairs[1] << 16);
-        out.y = (unsigned)pairs[2] | ((unsigned)pairs[3] << 16);
-        reinterpret_cast<uint2*>(q)[i] = out;
+        reinterpret_cast<uint2*>(q)[i] = sd_fp8x8(reinterpret_cast<const uint4*>(x)[i], s, fmt);
     }
 }
 

@@ -125,10 +125,14 @@ extern "C" __global__ void layer_norm_modulate_bf16x8(const __nv_bfloat16* __res
 // per row spent its time in the two block reductions). Each lane holds up to LN_CPL
 // 16-byte chunks: c <= 256 * LN_CPL.
 #define LN_CPL 10
+// q (optional, may be null): the output's FP8 codes too, y / *qscale in format qfmt
+// (the next linear layer's input quantization, the same codes as quantize_fp8_dev_x8
+// would make from y).
 extern "C" __global__ void __launch_bounds__(256, 2) layer_norm_modulate_warp_bf16x8(
     const __nv_bfloat16* __restrict__ x, const __nv_bfloat16* __restrict__ shift,
     const __nv_bfloat16* __restrict__ scale, __nv_bfloat16* __restrict__ y,
-    unsigned long long rows, int c, float eps, unsigned long long rows_per_batch) {
+    unsigned long long rows, int c, float eps, unsigned long long rows_per_batch,
+    unsigned char* __restrict__ q, const float* __restrict__ qscale, int qfmt) {
     const unsigned long long rix = ((unsigned long long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     const int lane = threadIdx.x & 31;
     if (rix >= rows) return;
@@ -191,18 +195,21 @@ extern "C" __global__ void __launch_bounds__(256, 2) layer_norm_modulate_warp_bf
             op[j] = *reinterpret_cast<const unsigned*>(&r2);
         }
         reinterpret_cast<uint4*>(y + row)[ch] = o;
+        if (q) reinterpret_cast<uint2*>(q + row)[ch] = sd_fp8x8(o, *qscale, qfmt);
     }
 }
 
 // gated_add_bf16x8 then layer_norm_modulate_warp_bf16x8 of its result, one warp per row:
 // r = x + gate * y is rounded and stored as the residual, and its BF16 values (what the
-// two kernels would read back) feed the same f64 statistics and final arithmetic.
+// two kernels would read back) feed the same f64 statistics and final arithmetic. q,
+// qscale, qfmt: as layer_norm_modulate_warp_bf16x8's (codes of the normalized output).
 extern "C" __global__ void __launch_bounds__(256, 2) gated_add_layer_norm_modulate_warp_bf16x8(
     const __nv_bfloat16* __restrict__ x, const __nv_bfloat16* __restrict__ gate,
     const __nv_bfloat16* __restrict__ yv, const __nv_bfloat16* __restrict__ shift,
     const __nv_bfloat16* __restrict__ scale, __nv_bfloat16* __restrict__ res,
     __nv_bfloat16* __restrict__ y, unsigned long long rows, int c, float eps,
-    unsigned long long rows_per_batch) {
+    unsigned long long rows_per_batch, unsigned char* __restrict__ q,
+    const float* __restrict__ qscale, int qfmt) {
     const unsigned long long rix = ((unsigned long long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     const int lane = threadIdx.x & 31;
     if (rix >= rows) return;
@@ -275,6 +282,7 @@ extern "C" __global__ void __launch_bounds__(256, 2) gated_add_layer_norm_modula
             op[j] = *reinterpret_cast<const unsigned*>(&r2);
         }
         reinterpret_cast<uint4*>(y + row)[ch] = o;
+        if (q) reinterpret_cast<uint2*>(q + row)[ch] = sd_fp8x8(o, *qscale, qfmt);
     }
 }
 

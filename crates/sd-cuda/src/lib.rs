@@ -703,6 +703,40 @@ struct QuantCache {
     codes: Arc<CudaSlice<u8>>,
 }
 
+/// FP8 input codes a norm kernel writes along with its output (the next linear layer's
+/// input quantization in the same pass), then handed to the linear layer through the
+/// quantization cache.
+struct FusedCodes<'a> {
+    codes: Arc<CudaSlice<u8>>,
+    n: usize,
+    scale: f32,
+    scale_dev: &'a CudaSlice<f32>,
+    format: Fp8Format,
+}
+
+impl FusedCodes<'_> {
+    /// The kernel's `q, qscale, qfmt` arguments.
+    fn args(&self, inner: &Inner) -> [Arg; 3] {
+        [
+            Arg::P(inner.ptr(&*self.codes)),
+            Arg::P(inner.ptr(self.scale_dev)),
+            Arg::I(fmt_code(self.format)),
+        ]
+    }
+
+    /// Makes the codes the quantization of `output` for every FP8 linear layer with this
+    /// scale and format (the same entry `linear_impl` would have made quantizing it).
+    fn remember_for(self, inner: &Inner, output: &CudaTensor) {
+        *inner.quant_cache.borrow_mut() = Some(QuantCache {
+            src: output.buf.clone(),
+            n: self.n,
+            scale_bits: self.scale.to_bits(),
+            format: fmt_code(self.format),
+            codes: self.codes,
+        });
+    }
+}
+
 /// `<sd_cuda::CudaBackend as ..::Backend>::layer_norm::{{closure}}` -> `layer_norm`.
 fn op_name(closure: &str) -> String {
     let s = closure.trim_end_matches("::{{closure}}");
@@ -2807,12 +2841,15 @@ impl Inner {
         Ok(self.wrap(x.shape.clone(), out))
     }
 
+    /// `next`: the linear layer the output feeds; an FP8 one gets its input codes written
+    /// in the same pass (see [`Inner::fused_input_codes`]).
     fn layer_norm_modulate(
         &self,
         x: &CudaTensor,
         shift: &CudaTensor,
         scale: &CudaTensor,
         eps: f32,
+        next: Option<&CudaLinear>,
     ) -> sd_model::Result<CudaTensor> {
         let (b, c) = me(Self::batch_channels(
             &x.shape,
@@ -2828,6 +2865,10 @@ impl Inner {
         let out = me(self.talloc(x.numel()))?;
         if rows > 0 && self.r() == 1 && c % 8 == 0 && c <= LN_WARP_MAX_CHANNELS {
             // BF16 storage, rows up to LN_CPL chunks a lane: one warp per row.
+            let codes = me(self.fused_input_codes(next, rows * c))?;
+            let [q, qscale, qfmt] = codes
+                .as_ref()
+                .map_or([Arg::P(0), Arg::P(0), Arg::I(0)], |f| f.args(self));
             me(self.launch(
                 "layer_norm_modulate_warp_bf16x8",
                 Self::grid(rows * 32),
@@ -2840,8 +2881,16 @@ impl Inner {
                     Arg::I(c as i32),
                     Arg::F(eps),
                     Arg::U((rows / b.max(1)) as u64),
+                    q,
+                    qscale,
+                    qfmt,
                 ],
             ))?;
+            let y = self.wrap(x.shape.clone(), out);
+            if let Some(codes) = codes {
+                codes.remember_for(self, &y);
+            }
+            return Ok(y);
         } else if rows > 0 && self.r() == 1 && c % 8 == 0 && c <= 16 * THREADS as usize {
             // BF16 storage: 16-byte accesses, the row held in registers.
             me(self.launch(
@@ -2887,6 +2936,7 @@ impl Inner {
         shift: &CudaTensor,
         scale: &CudaTensor,
         eps: f32,
+        next: Option<&CudaLinear>,
     ) -> sd_model::Result<Option<(CudaTensor, CudaTensor)>> {
         let c = *x.shape.last().unwrap_or(&0);
         let applies = self.r() == 1
@@ -2904,6 +2954,10 @@ impl Inner {
         let rows = x.numel() / c;
         let res = me(self.talloc(x.numel()))?;
         let out = me(self.talloc(x.numel()))?;
+        let codes = me(self.fused_input_codes(next, x.numel()))?;
+        let [q, qscale, qfmt] = codes
+            .as_ref()
+            .map_or([Arg::P(0), Arg::P(0), Arg::I(0)], |f| f.args(self));
         me(self.launch(
             "gated_add_layer_norm_modulate_warp_bf16x8",
             Self::grid(rows * 32),
@@ -2919,12 +2973,45 @@ impl Inner {
                 Arg::I(c as i32),
                 Arg::F(eps),
                 Arg::U(x.shape[1] as u64),
+                q,
+                qscale,
+                qfmt,
             ],
         ))?;
-        Ok(Some((
-            self.wrap(x.shape.clone(), res),
-            self.wrap(x.shape.clone(), out),
-        )))
+        let normalized = self.wrap(x.shape.clone(), out);
+        if let Some(codes) = codes {
+            codes.remember_for(self, &normalized);
+        }
+        Ok(Some((self.wrap(x.shape.clone(), res), normalized)))
+    }
+
+    /// For a norm whose output feeds `next`: when `next` is an FP8 linear layer (FP8
+    /// input, not weight-only), a buffer for the `n` input codes the norm kernel writes
+    /// along with its output, and the layer's activation scale and format.
+    fn fused_input_codes<'a>(
+        &self,
+        next: Option<&'a CudaLinear>,
+        n: usize,
+    ) -> Result<Option<FusedCodes<'a>>> {
+        let Some(LinearKind::Fp8 {
+            act,
+            act_scale,
+            act_scale_dev,
+            ..
+        }) = next.map(|l| &l.kind)
+        else {
+            return Ok(None);
+        };
+        if n == 0 || self.r() != 1 {
+            return Ok(None);
+        }
+        Ok(Some(FusedCodes {
+            codes: Arc::new(self.alloc::<u8>(n)?),
+            n,
+            scale: *act_scale,
+            scale_dev: act_scale_dev,
+            format: *act,
+        }))
     }
 
     fn modulate(
@@ -3856,6 +3943,37 @@ impl Drop for CudaBackend {
     }
 }
 
+impl CudaBackend {
+    /// `gated_add_layer_norm_modulate(_for)`: the fused kernel, or the two operations
+    /// where it does not apply.
+    #[allow(clippy::too_many_arguments)]
+    fn gated_add_norm(
+        &self,
+        x: &CudaTensor,
+        gate: &CudaTensor,
+        y: &CudaTensor,
+        shift: &CudaTensor,
+        scale: &CudaTensor,
+        eps: f32,
+        next: Option<&CudaLinear>,
+    ) -> sd_model::Result<(CudaTensor, CudaTensor)> {
+        let fused = self.call(|i| {
+            i.gated_add_layer_norm_modulate(&*i.rm(x)?, gate, &*i.rm(y)?, shift, scale, eps, next)
+        })?;
+        match fused {
+            Some(out) => Ok(out),
+            None => {
+                let r = self.gated_add(x, gate, y)?;
+                let n = match next {
+                    Some(next) => self.layer_norm_modulate_for(&r, shift, scale, eps, next)?,
+                    None => self.layer_norm_modulate(&r, shift, scale, eps)?,
+                };
+                Ok((r, n))
+            }
+        }
+    }
+}
+
 impl Backend for CudaBackend {
     type Tensor = CudaTensor;
     type Linear = CudaLinear;
@@ -3926,7 +4044,17 @@ impl Backend for CudaBackend {
         scale: &CudaTensor,
         eps: f32,
     ) -> sd_model::Result<CudaTensor> {
-        self.call(|i| i.layer_norm_modulate(&*i.rm(x)?, shift, scale, eps))
+        self.call(|i| i.layer_norm_modulate(&*i.rm(x)?, shift, scale, eps, None))
+    }
+    fn layer_norm_modulate_for(
+        &self,
+        x: &CudaTensor,
+        shift: &CudaTensor,
+        scale: &CudaTensor,
+        eps: f32,
+        next: &CudaLinear,
+    ) -> sd_model::Result<CudaTensor> {
+        self.call(|i| i.layer_norm_modulate(&*i.rm(x)?, shift, scale, eps, Some(next)))
     }
     fn rms_norm(
         &self,
@@ -3996,16 +4124,19 @@ impl Backend for CudaBackend {
         scale: &CudaTensor,
         eps: f32,
     ) -> sd_model::Result<(CudaTensor, CudaTensor)> {
-        match self.call(|i| {
-            i.gated_add_layer_norm_modulate(&*i.rm(x)?, gate, &*i.rm(y)?, shift, scale, eps)
-        })? {
-            Some(out) => Ok(out),
-            None => {
-                let r = self.gated_add(x, gate, y)?;
-                let n = self.layer_norm_modulate(&r, shift, scale, eps)?;
-                Ok((r, n))
-            }
-        }
+        self.gated_add_norm(x, gate, y, shift, scale, eps, None)
+    }
+    fn gated_add_layer_norm_modulate_for(
+        &self,
+        x: &CudaTensor,
+        gate: &CudaTensor,
+        y: &CudaTensor,
+        shift: &CudaTensor,
+        scale: &CudaTensor,
+        eps: f32,
+        next: &CudaLinear,
+    ) -> sd_model::Result<(CudaTensor, CudaTensor)> {
+        self.gated_add_norm(x, gate, y, shift, scale, eps, Some(next))
     }
     fn joint_attention(
         &self,

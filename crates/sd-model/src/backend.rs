@@ -202,6 +202,39 @@ pub trait Backend: Send + Sync {
         Ok((r, n))
     }
 
+    /// [`Backend::layer_norm_modulate`] whose output is the input of the linear layer
+    /// `next` (and of others quantizing their input the same way, as Q/K/V do): a
+    /// backend may write `next`'s input quantization (its FP8 codes) in the same pass.
+    /// The values are those of `layer_norm_modulate`; by default it is that call.
+    fn layer_norm_modulate_for(
+        &self,
+        x: &Self::Tensor,
+        shift: &Self::Tensor,
+        scale: &Self::Tensor,
+        eps: f32,
+        next: &Self::Linear,
+    ) -> Result<Self::Tensor> {
+        let _ = next;
+        self.layer_norm_modulate(x, shift, scale, eps)
+    }
+
+    /// [`Backend::gated_add_layer_norm_modulate`] whose normalized output is the input of
+    /// `next` (see [`Backend::layer_norm_modulate_for`]).
+    #[allow(clippy::too_many_arguments)]
+    fn gated_add_layer_norm_modulate_for(
+        &self,
+        x: &Self::Tensor,
+        gate: &Self::Tensor,
+        y: &Self::Tensor,
+        shift: &Self::Tensor,
+        scale: &Self::Tensor,
+        eps: f32,
+        next: &Self::Linear,
+    ) -> Result<(Self::Tensor, Self::Tensor)> {
+        let _ = next;
+        self.gated_add_layer_norm_modulate(x, gate, y, shift, scale, eps)
+    }
+
     /// RMS norm over the last dimension: `x / sqrt(mean(x²) + eps) * gamma`.
     fn rms_norm(
         &self,

@@ -201,24 +201,29 @@ impl<B: Backend> JointBlock<B> {
         let chunk = |t: &B::Tensor, i: usize| b.narrow(t, 1, i * dim, dim);
         let x_in = x;
 
-        // Image stream modulation.
+        // Image stream modulation, then its projections. Each normalized input goes
+        // straight to its Q/K/V projections (`layer_norm_modulate_for`: a backend may
+        // write their FP8 input codes in the norm's pass and keep the last such codes).
         let m = b.linear(silu_temb, &self.norm1)?;
-        let x_mod = b.layer_norm_modulate(x, &chunk(&m, 0)?, &chunk(&m, 1)?, NORM_EPS)?;
+        let x_mod =
+            b.layer_norm_modulate_for(x, &chunk(&m, 0)?, &chunk(&m, 1)?, NORM_EPS, &self.image.q)?;
         let (gate_msa, shift_mlp, scale_mlp, gate_mlp) =
             (chunk(&m, 2)?, chunk(&m, 3)?, chunk(&m, 4)?, chunk(&m, 5)?);
+        let (qi, ki, vi) = self.image.project(b, &x_mod, heads)?;
 
-        // Context stream modulation.
+        // Context stream modulation and projections.
         let mc = b.linear(silu_temb, &self.norm1_context)?;
-        let c_mod = if self.to_add_out.is_none() {
+        let (c_shift, c_scale) = if self.to_add_out.is_none() {
             // AdaLayerNormContinuous: (scale, shift), in that order.
-            b.layer_norm_modulate(ctx, &chunk(&mc, 1)?, &chunk(&mc, 0)?, NORM_EPS)?
+            (chunk(&mc, 1)?, chunk(&mc, 0)?)
         } else {
-            b.layer_norm_modulate(ctx, &chunk(&mc, 0)?, &chunk(&mc, 1)?, NORM_EPS)?
+            (chunk(&mc, 0)?, chunk(&mc, 1)?)
         };
+        let c_mod =
+            b.layer_norm_modulate_for(ctx, &c_shift, &c_scale, NORM_EPS, &self.context.q)?;
+        let (qc, kc, vc) = self.context.project(b, &c_mod, heads)?;
 
         // Joint attention: image tokens first, then context tokens.
-        let (qi, ki, vi) = self.image.project(b, &x_mod, heads)?;
-        let (qc, kc, vc) = self.context.project(b, &c_mod, heads)?;
         let scale = 1.0 / ((dim / heads) as f32).sqrt();
         let params = AttentionParams {
             heads,
@@ -233,19 +238,34 @@ impl<B: Backend> JointBlock<B> {
         let (x, h) = if let Some((proj2, out2)) = &self.attn2 {
             let x = b.gated_add(x, &gate_msa, &o_img)?;
             // The same norm of the block input as x_mod (MMDiT-X's second attention).
-            let x_mod2 = b.layer_norm_modulate(x_in, &chunk(&m, 6)?, &chunk(&m, 7)?, NORM_EPS)?;
+            let x_mod2 = b.layer_norm_modulate_for(
+                x_in,
+                &chunk(&m, 6)?,
+                &chunk(&m, 7)?,
+                NORM_EPS,
+                &proj2.q,
+            )?;
             let (q2, k2, v2) = proj2.project(b, &x_mod2, heads)?;
             let o2 = b.linear(&b.attention(&q2, &k2, &v2, params)?, out2)?;
-            b.gated_add_layer_norm_modulate(
+            b.gated_add_layer_norm_modulate_for(
                 &x,
                 &chunk(&m, 8)?,
                 &o2,
                 &shift_mlp,
                 &scale_mlp,
                 NORM_EPS,
+                &self.ff.up,
             )?
         } else {
-            b.gated_add_layer_norm_modulate(x, &gate_msa, &o_img, &shift_mlp, &scale_mlp, NORM_EPS)?
+            b.gated_add_layer_norm_modulate_for(
+                x,
+                &gate_msa,
+                &o_img,
+                &shift_mlp,
+                &scale_mlp,
+                NORM_EPS,
+                &self.ff.up,
+            )?
         };
         let x = b.gated_add(&x, &gate_mlp, &self.ff.forward(b, &h)?)?;
 
@@ -253,13 +273,14 @@ impl<B: Backend> JointBlock<B> {
             return Ok((x, None));
         };
         let o_ctx = b.linear(&o_ctx, to_add_out)?;
-        let (ctx, h) = b.gated_add_layer_norm_modulate(
+        let (ctx, h) = b.gated_add_layer_norm_modulate_for(
             ctx,
             &chunk(&mc, 2)?,
             &o_ctx,
             &chunk(&mc, 3)?,
             &chunk(&mc, 4)?,
             NORM_EPS,
+            &ff_context.up,
         )?;
         let ctx = b.gated_add(&ctx, &chunk(&mc, 5)?, &ff_context.forward(b, &h)?)?;
         Ok((x, Some(ctx)))
