@@ -66,7 +66,8 @@ def category(op):
     if op.startswith("attention"):
         return "attention"
     if op in ("layer_norm", "layer_norm_modulate", "rms_norm", "group_norm", "modulate",
-              "gated_add_layer_norm_modulate", "group_norm_silu"):
+              "gated_add_layer_norm_modulate", "group_norm_silu", "layer_norm_modulate_for",
+              "gated_add_norm"):
         return "norms + modulate"
     if op in ("activation", "add", "mul", "gated_add", "scale_shift"):
         return "elementwise"
@@ -259,9 +260,13 @@ def main():
         if v.get("conv_path"):
             L.append(f"\nConvolutions: {v['conv_path']}.")
         for o in v.get("other_paths", []):
+            if "error" in o:
+                L.append(f"\nConvolutions on `{o['path']}`: FAILED ({o['error']}).")
+                continue
             d = o.get("vs_default", {})
+            vs_peer = f", {o['ms_median'] / pv['ms']:.2f}x diffusers' time" if pv else ""
             L.append(f"\nSame process and weights, convolutions on `{o['path']}`: {o['ms_median']:.1f} ms "
-                     f"(peak {o['peak_gib']:.2f} GiB; {o['conv_path']}); decoded output vs the default "
+                     f"(peak {o['peak_gib']:.2f} GiB{vs_peer}; {o['conv_path']}); decoded output vs the default "
                      f"path: max rel {d.get('max_rel', float('nan')):.2e}, rms rel "
                      f"{d.get('rms_rel', float('nan')):.2e}.")
         # Older result files: one im2col comparison.

@@ -494,12 +494,15 @@ extern "C" __global__ void group_norm_apply(const void* __restrict__ x, const do
 // passes, all deterministic (fixed summation orders):
 //  1. group_norm_nhwc_stats, grid (N, chunks), block (C/8, 256 / (C/8)): every thread
 //     sums its 8 channels (one 16-byte load a pixel) over a strided run of the chunk's
-//     pixels, in f64 (sum and sum of squares: BF16 values and their squares add exactly
-//     in f64 at these counts); the block adds them per channel over its pixel rows, then
+//     pixels, in f64 (sum and sum of squares); the block adds them per channel over its
+//     pixel rows, then
 //     per group over its channels, and writes the chunk's partials.
 //  2. group_norm_nhwc_finalize: per (entry, group), the partials over the chunks in
-//     order -> mean and 1/std in f64 (variance as E[x^2] - mean^2: the f64 sums carry
-//     ~2^-52 relative error, far below the BF16 rounding of the output).
+//     order -> mean and 1/std in f64. The variance is E[x^2] - mean^2 (one pass over x
+//     instead of the NCHW kernels' two): its f64 rounding error, relative to the
+//     variance, is ~2^-52 * mean^2 / variance, far below the output's BF16 rounding for
+//     activations; the result can still differ from the NCHW kernels' (two-pass, other
+//     summation order) by one BF16 ulp in rare values.
 //  3. group_norm_nhwc_apply: 8 channels a thread, the same final arithmetic as
 //     group_norm_f32.
 #define GN_NHWC_THREADS 256
@@ -586,17 +589,23 @@ extern "C" __global__ void group_norm_nhwc_apply(const __nv_bfloat16* __restrict
     SD_GRID_STRIDE(i, vectors) {
         const int v = (int)(i % vecs);
         const unsigned long long n = i / vecs / hw;
-        float f[8];
+        float f[8], gf[8], bf[8];
         gn_unpack8(xv[i], f);
+        // gamma and beta of the 8 channels: one 16-byte load each (c % 8 == 0).
+        gn_unpack8(reinterpret_cast<const uint4*>(g)[v], gf);
+        gn_unpack8(reinterpret_cast<const uint4*>(b)[v], bf);
         uint4 o;
         __nv_bfloat16* oh = reinterpret_cast<__nv_bfloat16*>(&o);
+        int grp = -1;
+        double2 st = make_double2(0.0, 0.0);
 #pragma unroll
         for (int j = 0; j < 8; ++j) {
-            const int ch = v * 8 + j;
-            const double2 st = stats[n * groups + ch / cg];
-            const float val = gn_out((float)(((double)f[j] - st.x) * st.y) * __bfloat162float(g[ch]) +
-                                         __bfloat162float(b[ch]),
-                                     silu, 1);
+            const int gj = (v * 8 + j) / cg;
+            if (gj != grp) {
+                grp = gj;
+                st = stats[n * groups + gj];
+            }
+            const float val = gn_out((float)(((double)f[j] - st.x) * st.y) * gf[j] + bf[j], silu, 1);
             oh[j] = __float2bfloat16_rn(val);
         }
         yv[i] = o;

@@ -125,16 +125,14 @@ impl Inner {
         )))
     }
 
-    /// Whether the channels-last group norm and upsampling kernels take `x`: BF16
-    /// storage, whole 16-byte vectors of channels, at most 2048 channels (one block
-    /// row of `GN_THREADS` threads covers a pixel's channels).
-    fn nhwc_kernels_fit(&self, x: &CudaTensor) -> bool {
+    /// Whether the channels-last kernels take `x`: BF16 storage, whole 16-byte vectors
+    /// of channels.
+    fn nhwc_vectors_fit(&self, x: &CudaTensor) -> bool {
         let c = x.shape.get(1).copied().unwrap_or(0);
         self.precision != CudaPrecision::F32
             && x.layout == Layout::ChannelsLast
             && c.is_multiple_of(8)
             && c > 0
-            && c / 8 <= GN_THREADS
     }
 
     /// Whether 4-D parameters go up channels-last: convolutions run on cuDNN's NHWC
@@ -157,7 +155,9 @@ impl Inner {
         eps: f32,
         silu: bool,
     ) -> Result<Option<CudaTensor>> {
-        if !self.nhwc_kernels_fit(x) || groups > i32::MAX as usize {
+        // One block row of GN_THREADS threads covers a pixel's channels: at most 2048.
+        let c = x.shape[1];
+        if !self.nhwc_vectors_fit(x) || c / 8 > GN_THREADS || groups > i32::MAX as usize {
             return Ok(None);
         }
         let [n, h, w, c] = nhwc_dims(&x.shape);
@@ -225,7 +225,7 @@ impl Inner {
     /// Nearest 2x upsampling of a channels-last `x`, staying channels-last, or None when
     /// the kernel does not take it.
     pub(crate) fn upsample_channels_last(&self, x: &CudaTensor) -> Result<Option<CudaTensor>> {
-        if !self.nhwc_kernels_fit(x) {
+        if !self.nhwc_vectors_fit(x) || x.shape[1] / 8 > i32::MAX as usize {
             return Ok(None);
         }
         let [n, h, w, c] = nhwc_dims(&x.shape);

@@ -345,6 +345,11 @@ impl Cudnn {
         r
     }
 
+    /// Whether `p` is known to be refused (no plan, or a launch failed).
+    pub fn refused(&self, p: &ConvProblem) -> bool {
+        matches!(self.plans.get(p), Some(Err(_)))
+    }
+
     /// Marks `p` as refused (a launch failed): later calls go to im2col at once.
     pub fn refuse(&mut self, p: &ConvProblem, why: String) {
         self.plans.insert(*p, Err(why));

@@ -1419,6 +1419,8 @@ impl Inner {
 
     /// Quantizes `x` to FP8 codes with a host scale (for tests and the emulated path).
     pub fn quantize_fp8(&self, x: &CudaTensor, format: Fp8Format, scale: f32) -> Result<Vec<u8>> {
+        let x = self.row_major(x)?;
+        let x = x.as_ref();
         let n = x.numel();
         let q = self.alloc::<u8>(n)?;
         self.launch(
@@ -2138,23 +2140,42 @@ impl Inner {
             padding: p.padding,
             channels_last: path == ConvPath::CudnnNhwc,
         };
-        if self.precision != CudaPrecision::F32 && bn * cin * cout * h * wd > 0 && path.uses_cudnn()
+        if self.precision != CudaPrecision::F32
+            && bn * cin * cout * h * wd > 0
+            && path.uses_cudnn()
+            && self.cudnn_ready()
         {
-            let (xv, wv) = if problem.channels_last {
-                (self.channels_last(x)?, self.channels_last(w)?)
-            } else {
-                (self.row_major(x)?, self.row_major(w)?)
-            };
+            // Channels-last first (when that is the path), then NCHW for a problem cuDNN
+            // refuses channels-last; im2col only where it refuses both.
             let (ho, wo) = problem.output_hw();
-            let fused = residual.filter(|r| {
-                problem.channels_last && r.is_channels_last() && r.shape == [bn, cout, ho, wo]
-            });
-            let fill = match fused {
-                Some(residual) => ConvFill::Residual { residual, bias: b },
-                None => b.map_or(ConvFill::Nothing, ConvFill::Bias),
+            let layouts: &[bool] = if problem.channels_last {
+                &[true, false]
+            } else {
+                &[false]
             };
-            if let Some(y) = self.conv2d_cudnn(&xv, &wv, fill, &problem)? {
-                return Ok((y, fused.is_some()));
+            for &channels_last in layouts {
+                let problem = conv::ConvProblem {
+                    channels_last,
+                    ..problem
+                };
+                if self.cudnn_refused(&problem) {
+                    continue;
+                }
+                let (xv, wv) = if channels_last {
+                    (self.channels_last(x)?, self.channels_last(w)?)
+                } else {
+                    (self.row_major(x)?, self.row_major(w)?)
+                };
+                let fused = residual.filter(|r| {
+                    channels_last && r.is_channels_last() && r.shape == [bn, cout, ho, wo]
+                });
+                let fill = match fused {
+                    Some(residual) => ConvFill::Residual { residual, bias: b },
+                    None => b.map_or(ConvFill::Nothing, ConvFill::Bias),
+                };
+                if let Some(y) = self.conv2d_cudnn(&xv, &wv, fill, &problem)? {
+                    return Ok((y, fused.is_some()));
+                }
             }
         }
         // im2col + GEMM reads NCHW input and KCRS filters.
@@ -2345,6 +2366,15 @@ impl Inner {
             Layout::RowMajor
         };
         Ok(Some(Self::relabel(&y, shape, layout)))
+    }
+
+    /// Whether cuDNN is known to refuse `p` (it then goes to the next layout or im2col
+    /// without converting its operands first).
+    fn cudnn_refused(&self, p: &conv::ConvProblem) -> bool {
+        match &*self.cudnn.borrow() {
+            conv::CudnnState::Ready(dnn) => dnn.refused(p),
+            _ => true,
+        }
     }
 
     /// Opens cuDNN on first use; whether it is ready (the convolution path may still
@@ -3851,9 +3881,9 @@ impl CudaBackend {
         self.run(|i| i.cudnn.borrow().stats(i.conv_path.get()))
     }
 
-    /// Where BF16 convolutions run from now on: cuDNN on channels-last tensors (the
-    /// default where libcudnn 9 loads), cuDNN on NCHW, or im2col + GEMM (for
-    /// side-by-side measurements). Convolution filters loaded afterwards are stored in
+    /// Where BF16 convolutions run from now on: cuDNN on channels-last tensors, cuDNN on
+    /// NCHW (the default, `SD_CUDA_CONV` unset), or im2col + GEMM (for side-by-side
+    /// measurements). A problem cuDNN refuses falls back to the next of these. Convolution filters loaded afterwards are stored in
     /// the layout the path reads; those loaded before still work on any path (converted
     /// at each call), so a fair comparison loads its model after choosing the path.
     pub fn set_conv_path(&self, path: ConvPath) -> Result<()> {
@@ -4113,7 +4143,14 @@ impl Backend for CudaBackend {
         v: &CudaTensor,
         p: AttentionParams<'_, CudaTensor>,
     ) -> sd_model::Result<CudaTensor> {
-        self.call(|i| i.attention(&*i.rm(q)?, &*i.rm(k)?, &*i.rm(v)?, p))
+        self.call(|i| {
+            let bias = p.bias.map(|t| i.rm(t)).transpose()?;
+            let p = AttentionParams {
+                bias: bias.as_deref(),
+                ..p
+            };
+            i.attention(&*i.rm(q)?, &*i.rm(k)?, &*i.rm(v)?, p)
+        })
     }
     fn gated_add_layer_norm_modulate(
         &self,
