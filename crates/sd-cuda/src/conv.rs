@@ -179,8 +179,34 @@ pub struct ConvStats {
     pub unavailable: Option<String>,
     /// Distinct problems run on cuDNN, with the algorithm chosen.
     pub cudnn_problems: Vec<String>,
-    /// Distinct problems cuDNN refused (they run on im2col), with the reason.
+    /// Distinct problems cuDNN refused, with the reason. A problem refused channels-last
+    /// runs on cuDNN's NCHW path when that takes it (then listed in `cudnn_problems` as
+    /// well), else on im2col.
     pub refused_problems: Vec<String>,
+    /// Convolutions that added their residual inside the cuDNN call (`conv2d_add` on
+    /// the channels-last path).
+    pub fused_residual_calls: u64,
+}
+
+impl ConvStats {
+    /// The refused problems that ran on im2col: those without a cuDNN run in the other
+    /// layout.
+    pub fn on_im2col(&self) -> Vec<&str> {
+        self.refused_problems
+            .iter()
+            .map(|r| r.as_str())
+            .filter(|r| {
+                let problem = r
+                    .split_once(" nhwc:")
+                    .or_else(|| r.split_once(" nchw:"))
+                    .map_or(*r, |(p, _)| p);
+                !self.cudnn_problems.iter().any(|c| {
+                    c.starts_with(&format!("{problem} nchw:"))
+                        || c.starts_with(&format!("{problem} nhwc:"))
+                })
+            })
+            .collect()
+    }
 }
 
 impl std::fmt::Display for ConvStats {
@@ -201,10 +227,14 @@ impl std::fmt::Display for ConvStats {
                 if !self.refused_problems.is_empty() {
                     write!(
                         f,
-                        ", {} on im2col ({})",
+                        ", {} refused, {} of them left to im2col ({})",
                         self.refused_problems.len(),
+                        self.on_im2col().len(),
                         self.refused_problems.join("; ")
                     )?;
+                }
+                if self.fused_residual_calls > 0 {
+                    write!(f, ", {} with the residual fused", self.fused_residual_calls)?;
                 }
                 Ok(())
             }
@@ -300,8 +330,10 @@ impl Drop for ConvDescriptors {
 pub(crate) struct Cudnn {
     handle: dsys::cudnnHandle_t,
     version: usize,
-    /// Per problem: the plan, or why cuDNN refused it (then it runs on im2col).
+    /// Per problem: the plan, or why cuDNN refused it (then it runs in the next layout
+    /// or on im2col).
     plans: HashMap<ConvProblem, Result<ConvPlan, String>>,
+    fused_residuals: u64,
 }
 
 impl Cudnn {
@@ -332,6 +364,7 @@ impl Cudnn {
             handle,
             version,
             plans: HashMap::new(),
+            fused_residuals: 0,
         })
     }
 
@@ -350,7 +383,13 @@ impl Cudnn {
         matches!(self.plans.get(p), Some(Err(_)))
     }
 
-    /// Marks `p` as refused (a launch failed): later calls go to im2col at once.
+    /// Counts a convolution that added its residual in the cuDNN call.
+    pub fn count_fused_residual(&mut self) {
+        self.fused_residuals += 1;
+    }
+
+    /// Marks `p` as refused (a launch failed): later calls go to the next layout, or
+    /// im2col, at once.
     pub fn refuse(&mut self, p: &ConvProblem, why: String) {
         self.plans.insert(*p, Err(why));
     }
@@ -441,6 +480,7 @@ impl Cudnn {
     pub fn stats(&self) -> ConvStats {
         let mut s = ConvStats {
             cudnn_version: Some(self.version),
+            fused_residual_calls: self.fused_residuals,
             ..ConvStats::default()
         };
         let mut entries: Vec<_> = self.plans.iter().collect();
@@ -550,6 +590,37 @@ mod tests {
         assert!(
             e.contains("SD_CUDA_CONV") && e.contains("nhwc, nchw, im2col"),
             "{e}"
+        );
+    }
+
+    #[test]
+    fn problems_refused_channels_last_but_run_nchw_are_not_on_im2col() {
+        let s = ConvStats {
+            path: ConvPath::CudnnNhwc,
+            cudnn_version: Some(91400),
+            unavailable: None,
+            cudnn_problems: vec![
+                "1x128x64x64 -> 3 k3x3 s1 p1 nchw: ALGO (MATH)".into(),
+                "1x128x64x64 -> 128 k3x3 s1 p1 nhwc: ALGO (MATH)".into(),
+            ],
+            refused_problems: vec![
+                "1x128x64x64 -> 3 k3x3 s1 p1 nhwc: no deterministic algorithm".into(),
+                "1x8x9x9 -> 12 k3x3 s2 p0 nhwc: refused".into(),
+                "1x8x9x9 -> 12 k3x3 s2 p0 nchw: refused".into(),
+            ],
+            fused_residual_calls: 0,
+        };
+        assert_eq!(
+            s.on_im2col(),
+            vec![
+                "1x8x9x9 -> 12 k3x3 s2 p0 nhwc: refused",
+                "1x8x9x9 -> 12 k3x3 s2 p0 nchw: refused"
+            ]
+        );
+        assert!(
+            s.to_string()
+                .contains("3 refused, 2 of them left to im2col"),
+            "{s}"
         );
     }
 

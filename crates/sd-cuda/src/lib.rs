@@ -2327,7 +2327,8 @@ impl Inner {
                     Some(bias) if p.channels_last => {
                         self.binary(&r, bias, p.out_channels, 0, 0.0)?
                     }
-                    None => self.unary(&r, 6, 1.0, 0.0)?,
+                    // The unary kernel's copy (op 0): the stored bits as they are.
+                    None => self.unary(&r, 0, 0.0, 0.0)?,
                     Some(_) => {
                         return Err(bad("conv2d: a residual with a bias needs channels-last"));
                     }
@@ -2358,6 +2359,9 @@ impl Inner {
         if let Err(why) = run {
             dnn.refuse(p, why);
             return Ok(None);
+        }
+        if matches!(fill, ConvFill::Residual { .. }) {
+            dnn.count_fused_residual();
         }
         let shape = vec![p.batch, p.out_channels, ho, wo];
         let layout = if p.channels_last {
