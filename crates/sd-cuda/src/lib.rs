@@ -3885,8 +3885,8 @@ impl CudaBackend {
         self.run(|i| i.cudnn.borrow().stats(i.conv_path.get()))
     }
 
-    /// Where BF16 convolutions run from now on: cuDNN on channels-last tensors, cuDNN on
-    /// NCHW (the default, `SD_CUDA_CONV` unset), or im2col + GEMM (for side-by-side
+    /// Where BF16 convolutions run from now on: cuDNN on channels-last tensors (the
+    /// default, `SD_CUDA_CONV` unset), cuDNN on NCHW, or im2col + GEMM (for side-by-side
     /// measurements). A problem cuDNN refuses falls back to the next of these. Convolution filters loaded afterwards are stored in
     /// the layout the path reads; those loaded before still work on any path (converted
     /// at each call), so a fair comparison loads its model after choosing the path.
