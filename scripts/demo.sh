@@ -11,7 +11,8 @@ PROMPT=${PROMPT:-"a large yellow circle on the left, a small purple triangle on 
 WORK=${WORK:-engines/demo}
 PORT=${PORT:-50151}
 GUIDANCE=${GUIDANCE:-5}
-BIN=target/release
+# Where cargo puts the binaries (CARGO_TARGET_DIR when set).
+BIN=${CARGO_TARGET_DIR:-target}/release
 
 cargo build --release --locked -p sd-build -p sd-serve -p sd-client
 mkdir -p "$WORK"
