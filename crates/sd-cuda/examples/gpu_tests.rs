@@ -581,6 +581,49 @@ fn layouts_kept(rep: &mut Report, gc: &CudaBackend) -> R<()> {
     Ok(())
 }
 
+/// The downloaded `outputs` of a norm, then the output of the linear layer `l` applied to
+/// the last of them.
+fn outputs_and_linear(
+    gpu: &CudaBackend,
+    l: &sd_cuda::CudaLinear,
+    outputs: &[&sd_cuda::CudaTensor],
+) -> R<Vec<Vec<f32>>> {
+    let mut all = outputs
+        .iter()
+        .map(|t| Ok(gpu.download(t)?.data))
+        .collect::<R<Vec<_>>>()?;
+    if let Some(last) = outputs.last() {
+        all.push(gpu.download(&gpu.linear(last, l)?)?.data);
+    }
+    Ok(all)
+}
+
+/// The two checks of a norm that writes its linear layer's FP8 codes: the codes were used
+/// (no separate quantize pass) and every output equals the unfused operations' bit for bit.
+fn codes_checks(
+    rep: &mut Report,
+    name: &str,
+    plain: &[Vec<f32>],
+    fused: &[Vec<f32>],
+    requantized: &[String],
+    what: &str,
+) {
+    rep.check(
+        &format!("{name}: codes used"),
+        requantized.is_empty(),
+        format!("separate quantize passes after the fused norm: {requantized:?}"),
+    );
+    let same = plain == fused;
+    rep.check(
+        name,
+        same,
+        format!(
+            "{what} outputs {}identical to the unfused ops",
+            if same { "" } else { "NOT " }
+        ),
+    );
+}
+
 /// The separate FP8 quantize passes in the profile so far, after checking the FP8 GEMM
 /// ran at all (a profile without one proves nothing).
 fn quantize_passes(gpu: &CudaBackend) -> R<Vec<String>> {
@@ -621,60 +664,35 @@ fn fused_input_codes(rep: &mut Report, gpu: &CudaBackend) -> R<()> {
         };
         let l = gpu.load_linear(&spec, &WeightTensor::from_host("w", &w), None)?;
         let plain = gpu.layer_norm_modulate(&x, &shift, &scale, 1e-6)?;
-        let plain_out = gpu.download(&gpu.linear(&plain, &l)?)?;
+        let plain = outputs_and_linear(gpu, &l, &[&plain])?;
         // Profiled: the linear after the fused norm must not quantize its input again.
         gpu.set_profiling(true)?;
         let fused = gpu.layer_norm_modulate_for(&x, &shift, &scale, 1e-6, &l)?;
-        let fused_out = gpu.download(&gpu.linear(&fused, &l)?)?;
+        let fused = outputs_and_linear(gpu, &l, &[&fused])?;
         let requantized = quantize_passes(gpu)?;
         gpu.set_profiling(false)?;
-        rep.check(
-            &format!(
-                "layer_norm_modulate_for an FP8 {} linear: codes used",
-                act.name()
-            ),
-            requantized.is_empty(),
-            format!("separate quantize passes after the fused norm: {requantized:?}"),
-        );
-        let same = gpu.download(&plain)?.data == gpu.download(&fused)?.data
-            && plain_out.data == fused_out.data;
-        rep.check(
-            &format!("layer_norm_modulate_for an FP8 {} linear", act.name()),
-            same,
-            format!(
-                "norm and linear outputs {}identical to the unfused ops",
-                if same { "" } else { "NOT " }
-            ),
-        );
+        let name = format!("layer_norm_modulate_for an FP8 {} linear", act.name());
+        codes_checks(rep, &name, &plain, &fused, &requantized, "norm and linear");
+
         let (pr, pn) = gpu.gated_add_layer_norm_modulate(&x, &gate, &y, &shift, &scale, 1e-6)?;
-        let plain_out = gpu.download(&gpu.linear(&pn, &l)?)?;
+        let plain = outputs_and_linear(gpu, &l, &[&pr, &pn])?;
         gpu.set_profiling(true)?;
         let (fr, fnorm) =
             gpu.gated_add_layer_norm_modulate_for(&x, &gate, &y, &shift, &scale, 1e-6, &l)?;
-        let fused_out = gpu.download(&gpu.linear(&fnorm, &l)?)?;
+        let fused = outputs_and_linear(gpu, &l, &[&fr, &fnorm])?;
         let requantized = quantize_passes(gpu)?;
         gpu.set_profiling(false)?;
-        rep.check(
-            &format!(
-                "gated_add_layer_norm_modulate_for an FP8 {} linear: codes used",
-                act.name()
-            ),
-            requantized.is_empty(),
-            format!("separate quantize passes after the fused norm: {requantized:?}"),
+        let name = format!(
+            "gated_add_layer_norm_modulate_for an FP8 {} linear",
+            act.name()
         );
-        let same = gpu.download(&pr)?.data == gpu.download(&fr)?.data
-            && gpu.download(&pn)?.data == gpu.download(&fnorm)?.data
-            && plain_out.data == fused_out.data;
-        rep.check(
-            &format!(
-                "gated_add_layer_norm_modulate_for an FP8 {} linear",
-                act.name()
-            ),
-            same,
-            format!(
-                "residual, norm and linear outputs {}identical to the unfused ops",
-                if same { "" } else { "NOT " }
-            ),
+        codes_checks(
+            rep,
+            &name,
+            &plain,
+            &fused,
+            &requantized,
+            "residual, norm and linear",
         );
     }
     Ok(())

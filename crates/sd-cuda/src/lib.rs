@@ -2277,9 +2277,7 @@ impl Inner {
         fill: ConvFill<'_>,
         p: &conv::ConvProblem,
     ) -> Result<Option<CudaTensor>> {
-        if !self.cudnn_ready() {
-            return Ok(None);
-        }
+        // The caller has opened cuDNN (`cudnn_ready`) before choosing the layouts.
         self.ctx.bind_to_thread()?;
         let mut state = self.cudnn.borrow_mut();
         let conv::CudnnState::Ready(dnn) = &mut *state else {
