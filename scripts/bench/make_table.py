@@ -71,7 +71,8 @@ def category(op):
         return "norms + modulate"
     if op in ("activation", "add", "mul", "gated_add", "scale_shift"):
         return "elementwise"
-    if op in ("concat", "narrow", "permute", "reshape", "pad_last", "upload", "download"):
+    if op in ("concat", "narrow", "chunks", "permute", "reshape", "pad_last", "upload",
+              "download"):
         return "layout / copies"
     return "other (" + op + ")"
 

@@ -32,7 +32,7 @@
 #            peer-text:            peer_text.py (diffusers' text encoders per stage)
 #            tests:                the per-op GPU tests + tiny-model images (gpu_tests)
 #            tests-flash:          the attention tests with the other flash tilings
-#                                  (FLASH_TEST_VARIANTS, default "0 1 2 3 5 6 7")
+#                                  (FLASH_TEST_VARIANTS, default "0 1 2 3 5 6 7 8 9 10 11")
 #            tests-fastacc:        the same with SD_CUDA_FP8_GEMM=fast-accum
 #            tests-nhwc:           the same with SD_CUDA_CONV=nhwc (every convolution and
 #                                  the tiny models' VAE decodes on channels-last cuDNN)
@@ -148,7 +148,7 @@ if [[ "${1:-}" == "--device" ]]; then
                    else echo "SD_GPU_TEST_CALIBRATION not set"; fi ;;
             tests-flash)
                    # The other flash-attention tilings against the CPU too (attention lines).
-                   for fv in ${FLASH_TEST_VARIANTS:-0 1 2 3 5 6 7}; do
+                   for fv in ${FLASH_TEST_VARIANTS:-0 1 2 3 5 6 7 8 9 10 11}; do
                        SD_CUDA_FLASH_VARIANT=$fv $TO "$BIN/gpu_tests" models/tiny-sd35m /tmp/gt$fv --ops-only >/dev/null 2>&1;
                        grep -E "attention" /tmp/gt$fv/gpu_tests.txt | sed "s/^/flash variant $fv: /" | cut -c1-170;
                    done ;;

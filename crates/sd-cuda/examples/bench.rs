@@ -7,7 +7,7 @@
 //!               [--iters 12] [--warmup 3] [--no-vae] [--no-exact] [--no-attention]
 //!               [--no-pipeline] [--tokenizers models/tiny-sd35m] [--label TEXT]
 //!               [--per-tensor] [--adaln fp8-weights|fp8|high] [--tune-gemms]
-//!               [--fp8-gemm native|fast-accum|exact-via-bf16]
+//!               [--fp8-gemm native|fast-accum|exact-via-bf16] [--flash-variants 4,8,9]
 //! ```
 //!
 //! Timing: CUDA events recorded on the backend's stream before and after one whole
@@ -346,6 +346,9 @@ struct Opts {
     tune_gemms: bool,
     /// How the FP8 engine's GEMMs accumulate (`--fp8-gemm`).
     fp8_gemm: Fp8Gemm,
+    /// The flash tilings the attention microbenchmark times (`--flash-variants 4,8`:
+    /// `SD_CUDA_FLASH_VARIANT` numbers); all of them when not given.
+    flash_variants: Vec<FlashVariant>,
 }
 
 fn profile_json(b: &CudaBackend) -> R<Value> {
@@ -526,7 +529,7 @@ fn bench_attention(bench: &mut Bench, o: &Opts) -> R<()> {
     };
     let mut variants = Vec::new();
     let mut best: Option<(f64, FlashVariant)> = None;
-    for var in FlashVariant::ALL {
+    for &var in &o.flash_variants {
         set_flash_variant(var);
         let _ = run(&b, 2)?;
         let (ms, y) = run(&b, o.iters.max(10))?;
@@ -866,6 +869,7 @@ fn main() -> R<()> {
         adaln: Adaln::Fp8Weights,
         tune_gemms: false,
         fp8_gemm: Fp8Gemm::from_env()?,
+        flash_variants: FlashVariant::ALL.to_vec(),
     };
     let mut vae = true;
     let mut attn = true;
@@ -905,6 +909,23 @@ fn main() -> R<()> {
             "--tune-gemms" => o.tune_gemms = true,
             "--fp8-gemm" => o.fp8_gemm = Fp8Gemm::parse(&val()?)?,
             "--tokenizers" => tokenizers = PathBuf::from(val()?),
+            "--flash-variants" => {
+                o.flash_variants = val()?
+                    .split(',')
+                    .map(|n| {
+                        n.trim()
+                            .parse::<usize>()
+                            .ok()
+                            .and_then(|i| FlashVariant::ALL.get(i).copied())
+                            .ok_or_else(|| {
+                                format!(
+                                    "--flash-variants: {n:?} is not a tiling number (0..{})",
+                                    FlashVariant::ALL.len() - 1
+                                )
+                            })
+                    })
+                    .collect::<Result<_, _>>()?
+            }
             other => return Err(format!("unknown option {other}").into()),
         }
     }

@@ -267,6 +267,12 @@ fn suite<B: Backend>(b: &B, fp8: bool) -> R<Vec<(String, HostTensor)>> {
         b.download(&b.concat(&[&xt, &y, &xt], 2)?)?,
     ));
     out.push(("narrow".into(), b.download(&b.narrow(&xt, 1, 5, 33)?)?));
+    // adaLN's modulation cut (one launch on the GPU; more than 16 parts: one copy each).
+    for n in [5, 20] {
+        for (i, part) in b.chunks(&xt, n)?.iter().enumerate() {
+            out.push((format!("chunks {i}/{n}"), b.download(part)?));
+        }
+    }
     let r4 = b.reshape(&xt, &[2, 77, 5, 64])?;
     out.push((
         "permute 0213".into(),

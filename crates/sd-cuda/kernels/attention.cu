@@ -744,6 +744,345 @@ SD_FLASH_WG(flash_wg2_n64, 2, 64, false)
 SD_FLASH_WG(flash_wg2_n128_ov, 2, 128, true)
 SD_FLASH_WG(flash_wg3_n128_ov, 3, 128, true)
 
+// ---- Flash attention with a TMA producer (warp-specialized), head dim 64 --------------
+// sm_90a only. The flash_wg kernels above load K/V with every thread's cp.async and meet
+// at a block barrier each tile, so their warpgroups run in lockstep: all softmax at once,
+// then all MMAs, with the tensor cores idle in between. Here (FlashAttention-3's layout)
+// warpgroup 0 is the producer: one thread issues a tensor-memory-accelerator copy per K
+// and per V tile (the 128-byte swizzle done by the copy engine, rows past the sequence
+// zero-filled), into STAGES buffers handed over through mbarriers: full_k/full_v count
+// the bytes landed, empty counts the consumer warps done with a buffer. Warpgroups
+// 1..NC are the consumers, 64 query rows each, Q in shared memory (the S = Q K^T wgmma
+// reads both operands from there), P in registers. Nothing makes the consumers wait
+// for each other, so one's softmax runs while another's MMAs hold the tensor cores.
+// The producer gives most of its registers to the consumers (setmaxnreg).
+//
+// K and V are read through tensor maps built by the host, 3-D [B][S][H*64] with a box of
+// 64 x BN x 1 (one head, BN keys); the joint attention's second segment has its own maps
+// and its own tiles (key tiles never straddle the segments). A consumer does not
+// overlap its own softmax with its own MMAs (flash_wg_*_ov's second P buffer): ptxas
+// (13.0) fits that into the launch bound's 168 registers only by serializing the wgmma
+// (C7512), whatever setmaxnreg gives the consumers at run time.
+struct __align__(64) SdTmaDesc {
+    unsigned long long v[16];
+};
+
+#ifdef SD_HAVE_WGMMA
+__device__ __forceinline__ void mb_init(unsigned bar, unsigned count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+// The producer's arrival: one, plus the bytes the copies of this phase will bring.
+__device__ __forceinline__ void mb_expect_tx(unsigned bar, unsigned bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes)
+                 : "memory");
+}
+__device__ __forceinline__ void mb_arrive(unsigned bar) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+}
+// Waits until the phase of the given parity has completed (a fresh barrier counts the
+// phase before its first, parity 1, as completed).
+__device__ __forceinline__ void mb_wait(unsigned bar, unsigned parity) {
+    unsigned done;
+    do {
+        asm volatile(
+            "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+            "selp.u32 %0, 1, 0, p;\n}\n"
+            : "=r"(done)
+            : "r"(bar), "r"(parity)
+            : "memory");
+    } while (!done);
+}
+// One box of a 3-D tensor map into shared memory; its bytes count on `bar`.
+__device__ __forceinline__ void tma_load_3d(unsigned dst, const SdTmaDesc* map, unsigned bar,
+                                            int c0, int c1, int c2) {
+    asm volatile(
+        "cp.async.bulk.tensor.3d.shared::cluster.global.tile.mbarrier::complete_tx::bytes "
+        "[%0], [%1, {%2, %3, %4}], [%5];\n" ::"r"(dst),
+        "l"(reinterpret_cast<unsigned long long>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(bar)
+        : "memory");
+}
+
+// S = Q K^T for one k-step, both operands in shared memory (K-major, 128-byte swizzle).
+__device__ __forceinline__ void wg_mma_ss_n128(float (&d)[64], unsigned long long adesc,
+                                               unsigned long long bdesc, int accumulate) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+        "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+        "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
+        "%64, %65, p, 1, 1, 0, 0;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+          "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+          "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+          "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+          "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+        : "l"(adesc), "l"(bdesc), "r"(accumulate));
+}
+
+template <int NC, int BN, int STAGES, bool PINGPONG>
+__device__ __forceinline__ void flash_tma_impl(
+    const SdTmaDesc* tk1, const SdTmaDesc* tv1, const SdTmaDesc* tk2, const SdTmaDesc* tv2,
+    const __nv_bfloat16* __restrict__ q1, __nv_bfloat16* __restrict__ o1, int sq1, int sk1,
+    const __nv_bfloat16* __restrict__ q2, __nv_bfloat16* __restrict__ o2, int sq2, int sk2,
+    int heads, float scale) {
+    static_assert(BN == 128, "the S = Q K^T wgmma is m64n128");
+    // Registers per thread after the hand-over: the producer keeps 24, the consumers
+    // share the rest of the block's (65536 / threads at launch, rounded down to 8).
+    constexpr int LAUNCH_REGS = (65536 / ((NC + 1) * 128)) / 8 * 8;
+    constexpr int CONSUMER_REGS =
+        ((LAUNCH_REGS * (NC + 1) - 24) / NC) / 8 * 8 > 240 ? 240
+                                                          : ((LAUNCH_REGS * (NC + 1) - 24) / NC) / 8 * 8;
+    constexpr int TILE = BN * 128;  // bytes of one K (or V) tile
+    constexpr int NS = BN / 2;      // S accumulators per thread
+    extern __shared__ unsigned char fa_smem[];
+    // [STAGES x (K tile, V tile)] [NC x Q tile (64 rows, 8 KiB)] [mbarriers], the tiles
+    // 1024-byte aligned (the swizzle pattern repeats every 8 rows of 128 bytes).
+    const unsigned base = ((unsigned)__cvta_generic_to_shared(fa_smem) + 1023u) & ~1023u;
+    const unsigned qbase = base + STAGES * 2 * TILE;
+    const unsigned bars = qbase + NC * 8192;
+    auto full_k = [&](int s) { return bars + 8u * s; };
+    auto full_v = [&](int s) { return bars + 8u * (STAGES + s); };
+    auto empty = [&](int s) { return bars + 8u * (2 * STAGES + s); };
+    auto k_tile = [&](int s) { return base + s * 2 * TILE; };
+    const int tid = threadIdx.x, wg = tid >> 7;
+    const int h = blockIdx.y, bi = blockIdx.z;
+    const int n1 = (sk1 + BN - 1) / BN, ntiles = n1 + (sk2 + BN - 1) / BN;
+    if (tid == 0) {
+#pragma unroll
+        for (int s = 0; s < STAGES; ++s) {
+            mb_init(full_k(s), 1);
+            mb_init(full_v(s), 1);
+            mb_init(empty(s), NC * 4);  // every consumer warp arrives
+        }
+        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    }
+    __syncthreads();
+
+    if (wg == 0) {
+        asm volatile("setmaxnreg.dec.sync.aligned.u32 24;\n" ::: "memory");
+        if (tid == 0) {
+            for (int j = 0; j < ntiles; ++j) {
+                const int s = j % STAGES;
+                // The consumers are done with the tile STAGES before this one.
+                mb_wait(empty(s), ((j / STAGES) & 1) ^ 1);
+                const bool first = j < n1;
+                const int row = (first ? j : j - n1) * BN;
+                mb_expect_tx(full_k(s), TILE);
+                tma_load_3d(k_tile(s), first ? tk1 : tk2, full_k(s), h * FA_D, row, bi);
+                mb_expect_tx(full_v(s), TILE);
+                tma_load_3d(k_tile(s) + TILE, first ? tv1 : tv2, full_v(s), h * FA_D, row, bi);
+            }
+        }
+        return;
+    }
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(CONSUMER_REGS) : "memory");
+
+    const int cw = wg - 1, ctid = tid & 127, warp = ctid >> 5, lane = tid & 31;
+    const int g = lane >> 2, t = lane & 3;
+    const unsigned long long c = (unsigned long long)heads * FA_D;
+    const int sq = sq1 + sq2;
+    const unsigned long long hd = (unsigned long long)h * FA_D;
+    const int qrow0 = blockIdx.x * (NC * 64) + cw * 64;
+    const unsigned qt = qbase + cw * 8192;
+    // This warpgroup's 64 query rows into shared memory, swizzled as the TMA would
+    // (rows past the sequence zero), then visible to wgmma.
+    {
+        const __nv_bfloat16* qb1 = q1 + (unsigned long long)bi * sq1 * c + hd;
+        const __nv_bfloat16* qb2 = q2 + (unsigned long long)bi * sq2 * c + hd;
+#pragma unroll
+        for (int i0 = 0; i0 < 512; i0 += 128) {
+            const int i = i0 + ctid, row = i >> 3, ch = i & 7, gr = qrow0 + row;
+            uint4 val = make_uint4(0u, 0u, 0u, 0u);
+            if (gr < sq) {
+                const __nv_bfloat16* src = gr < sq1 ? qb1 + (unsigned long long)gr * c
+                                                    : qb2 + (unsigned long long)(gr - sq1) * c;
+                val = *reinterpret_cast<const uint4*>(src + ch * 8);
+            }
+            const unsigned dst = qt + row * 128 + ((ch ^ (row & 7)) << 4);
+            asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};\n" ::"r"(dst), "r"(val.x),
+                         "r"(val.y), "r"(val.z), "r"(val.w)
+                         : "memory");
+        }
+        asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+        asm volatile("bar.sync %0, 128;\n" ::"r"(1 + cw) : "memory");
+    }
+
+    float s[NS], o[32];
+    auto issue_qk = [&](int st) {
+#pragma unroll
+        for (int ks_ = 0; ks_ < 4; ++ks_)
+            wg_mma_ss_n128(s, wg_desc(qt + ks_ * 32), wg_desc(k_tile(st) + ks_ * 32), ks_ > 0);
+        wg_commit();
+    };
+    auto issue_pv = [&](const unsigned (&p)[BN / 16][4], int st) {
+#pragma unroll
+        for (int kk = 0; kk < BN / 16; ++kk)
+            wg_mma_n64_tb(o, p[kk], wg_desc(k_tile(st) + TILE + kk * 2048), 1);
+        wg_commit();
+    };
+    // This warp is done reading stage st (its MMAs were waited for).
+    auto release = [&](int st) {
+        if (lane == 0) mb_arrive(empty(st));
+    };
+#pragma unroll
+    for (int i = 0; i < 32; ++i) o[i] = 0.f;
+    const float NEG_INF = -__int_as_float(0x7f800000);
+    float mA = NEG_INF, mB = NEG_INF, lA = 0.f, lB = 0.f;
+    const float sl2 = scale * 1.4426950408889634f;
+
+    // Online softmax (base 2) of tile j's scores, as flash_wg_impl's: rows g (s[4i],
+    // s[4i+1]) and g + 8 (s[4i+2], s[4i+3]), keys 8i + 2t and 8i + 2t + 1 of the tile;
+    // keys at or past `valid` (the segment's end) are masked.
+    auto softmax_tile = [&](int j, unsigned (&p)[BN / 16][4], float& alA, float& alB) {
+        const int valid = j < n1 ? sk1 - j * BN : sk2 - (j - n1) * BN;
+        if (valid < BN) {
+#pragma unroll
+            for (int i = 0; i < NS / 4; ++i) {
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                    if (8 * i + 2 * t + e >= valid) s[4 * i + e] = s[4 * i + 2 + e] = NEG_INF;
+                }
+            }
+        }
+        float mxA = NEG_INF, mxB = NEG_INF;
+#pragma unroll
+        for (int i = 0; i < NS / 4; ++i) {
+            mxA = fmaxf(mxA, fmaxf(s[4 * i], s[4 * i + 1]));
+            mxB = fmaxf(mxB, fmaxf(s[4 * i + 2], s[4 * i + 3]));
+        }
+        mxA = fmaxf(mxA, __shfl_xor_sync(0xffffffffu, mxA, 1));
+        mxA = fmaxf(mxA, __shfl_xor_sync(0xffffffffu, mxA, 2));
+        mxB = fmaxf(mxB, __shfl_xor_sync(0xffffffffu, mxB, 1));
+        mxB = fmaxf(mxB, __shfl_xor_sync(0xffffffffu, mxB, 2));
+        const float nmA = fmaxf(mA, mxA * sl2), nmB = fmaxf(mB, mxB * sl2);
+        alA = fa_exp2(mA - nmA);
+        alB = fa_exp2(mB - nmB);
+        mA = nmA;
+        mB = nmB;
+        float sumA = 0.f, sumB = 0.f;
+#pragma unroll
+        for (int i = 0; i < NS / 4; ++i) {
+            const float p0 = fa_exp2(fmaf(s[4 * i], sl2, -nmA));
+            const float p1 = fa_exp2(fmaf(s[4 * i + 1], sl2, -nmA));
+            const float p2 = fa_exp2(fmaf(s[4 * i + 2], sl2, -nmB));
+            const float p3 = fa_exp2(fmaf(s[4 * i + 3], sl2, -nmB));
+            sumA += p0 + p1;
+            sumB += p2 + p3;
+            p[i / 2][(i & 1) * 2 + 0] = fa_pack(p0, p1);
+            p[i / 2][(i & 1) * 2 + 1] = fa_pack(p2, p3);
+        }
+        lA = lA * alA + sumA;
+        lB = lB * alB + sumB;
+    };
+    auto rescale_o = [&](float alA, float alB) {
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+            o[4 * i] *= alA;
+            o[4 * i + 1] *= alA;
+            o[4 * i + 2] *= alB;
+            o[4 * i + 3] *= alB;
+        }
+    };
+    auto phase = [&](int j) { return (unsigned)((j / STAGES) & 1); };
+
+    // One turn of the tensor cores per tile: P V of tile j and S = Q K^T of tile j + 1
+    // are issued together and waited for once; the softmax of tile j + 1 then runs on the
+    // CUDA cores while the other consumers' MMAs run. With PINGPONG the consumers take
+    // these turns in a fixed cycle (FlashAttention-3's inter-warpgroup schedule: named
+    // barrier 4 + w is consumer w's turn, the one before it in the cycle gives it), so
+    // that one's softmax always lines up with another's MMAs instead of colliding.
+    const int next_cw = cw + 1 == NC ? 0 : cw + 1;
+    auto turn_wait = [&]() {
+        if constexpr (PINGPONG) asm volatile("bar.sync %0, 256;\n" ::"r"(4 + cw) : "memory");
+    };
+    auto turn_give = [&]() {
+        if constexpr (PINGPONG) asm volatile("bar.arrive %0, 256;\n" ::"r"(4 + next_cw) : "memory");
+    };
+    // The last consumer opens the cycle: consumer 0 takes the first turn.
+    if (cw == NC - 1) turn_give();
+    unsigned pa[BN / 16][4];
+    float alA, alB;
+    mb_wait(full_k(0), 0);
+    turn_wait();
+    wg_fence();
+    issue_qk(0);
+    turn_give();
+    wg_wait<0>();
+    wg_hold(s);
+    softmax_tile(0, pa, alA, alB);  // o is zero: nothing to rescale
+    for (int j = 0; j < ntiles; ++j) {
+        const int st = j % STAGES, nst = (j + 1) % STAGES;
+        const bool more = j + 1 < ntiles;
+        mb_wait(full_v(st), phase(j));
+        if (more) mb_wait(full_k(nst), phase(j + 1));
+        turn_wait();
+        wg_fence();
+        issue_pv(pa, st);
+        if (more) issue_qk(nst);
+        // Every turn taken is given on, except the very last one of the cycle's last
+        // consumer (consumer 0 takes no turn after it): the barriers end balanced.
+        if (more || cw != NC - 1) turn_give();
+        wg_wait<0>();
+        wg_hold(o);
+        wg_hold(pa);
+        wg_hold(s);
+        release(st);
+        if (more) {
+            softmax_tile(j + 1, pa, alA, alB);
+            rescale_o(alA, alB);
+        }
+    }
+    lA += __shfl_xor_sync(0xffffffffu, lA, 1);
+    lA += __shfl_xor_sync(0xffffffffu, lA, 2);
+    lB += __shfl_xor_sync(0xffffffffu, lB, 1);
+    lB += __shfl_xor_sync(0xffffffffu, lB, 2);
+    const float iA = 1.0f / lA, iB = 1.0f / lB;
+    const int rA = qrow0 + warp * 16 + g, rB = rA + 8;
+    const unsigned long long ob1 = (unsigned long long)bi * sq1 * c + hd;
+    const unsigned long long ob2 = (unsigned long long)bi * sq2 * c + hd;
+    __nv_bfloat16* pA = rA < sq1 ? o1 + ob1 + (unsigned long long)rA * c
+                                 : o2 + ob2 + (unsigned long long)(rA - sq1) * c;
+    __nv_bfloat16* pB = rB < sq1 ? o1 + ob1 + (unsigned long long)rB * c
+                                 : o2 + ob2 + (unsigned long long)(rB - sq1) * c;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+        const int d0 = 8 * i + 2 * t;
+        if (rA < sq) *reinterpret_cast<unsigned*>(pA + d0) = fa_pack(o[4 * i] * iA, o[4 * i + 1] * iA);
+        if (rB < sq)
+            *reinterpret_cast<unsigned*>(pB + d0) = fa_pack(o[4 * i + 2] * iB, o[4 * i + 3] * iB);
+    }
+}
+#endif  // SD_HAVE_WGMMA
+
+// Variants: flash_tma2_n128 (2 consumer warpgroups = 128 queries per block),
+// flash_tma3_n128 (3 = 192 queries), and the _pp ones taking turns (PINGPONG). Threads: 128 x (consumers + 1). Dynamic shared memory:
+// STAGES x 2 x 16 KiB + consumers x 8 KiB + 3 x STAGES x 8 (mbarriers) + 1024 (slack).
+#ifdef SD_HAVE_WGMMA
+#define SD_FLASH_TMA_BODY(NC, ST, PP)                                                         \
+    flash_tma_impl<NC, 128, ST, PP>(&tk1, &tv1, &tk2, &tv2, q1, o1, sq1, sk1, q2, o2, sq2,   \
+                                    sk2, heads, scale);
+#else
+#define SD_FLASH_TMA_BODY(NC, ST, PP)
+#endif
+#define SD_FLASH_TMA(NAME, NC, ST, PP)                                                        \
+    extern "C" __global__ void __launch_bounds__((NC + 1) * 128, 1) NAME(                     \
+        const __grid_constant__ SdTmaDesc tk1, const __grid_constant__ SdTmaDesc tv1,         \
+        const __grid_constant__ SdTmaDesc tk2, const __grid_constant__ SdTmaDesc tv2,         \
+        const __nv_bfloat16* q1, __nv_bfloat16* o1, int sq1, int sk1,                         \
+        const __nv_bfloat16* q2, __nv_bfloat16* o2, int sq2, int sk2, int heads,              \
+        float scale) {                                                                        \
+        SD_FLASH_TMA_BODY(NC, ST, PP)                                                         \
+    }
+SD_FLASH_TMA(flash_tma2_n128, 2, 3, false)
+SD_FLASH_TMA(flash_tma3_n128, 3, 3, false)
+SD_FLASH_TMA(flash_tma2_n128_pp, 2, 3, true)
+SD_FLASH_TMA(flash_tma3_n128_pp, 3, 3, true)
+
 // Row softmax for the GEMM attention path (large head dims: the VAE's single 512-wide
 // head; biased attention: T5): s [rows, n] f32 scores (already scaled), plus bias [rows, n]
 // in storage type when given (T5's [H, Sq, Sk], row h * Sq + i) -> p [rows, n] BF16

@@ -14,6 +14,22 @@ extern "C" __global__ void copy2d_f32(const void* __restrict__ src, void* __rest
     }
 }
 
+// Backend::chunks: src [rows, n * len] -> n tensors [rows, len], part i at parts.p[i]
+// (n <= 16): adaLN's modulation vectors cut out in one launch instead of one per part.
+struct SdPtrs16 {
+    unsigned long long p[16];
+};
+extern "C" __global__ void split_last_f32(const void* __restrict__ src,
+                                          const __grid_constant__ SdPtrs16 parts,
+                                          unsigned long long rows, unsigned long long len,
+                                          int n, int r) {
+    const unsigned long long width = len * (unsigned long long)n;
+    SD_GRID_STRIDE(i, rows * width) {
+        const unsigned long long row = i / width, j = i % width, part = j / len;
+        sd_cp(reinterpret_cast<void*>(parts.p[part]), row * len + (j - part * len), src, i, r);
+    }
+}
+
 // Up to 6 dimensions: out dims o0..o5 (row-major), s0..s5 the input stride of each.
 extern "C" __global__ void permute_f32(const void* __restrict__ x, void* __restrict__ y,
                                        unsigned long long n, long long o0, long long o1,

@@ -256,6 +256,10 @@ const KERNEL_NAMES: &[&str] = &[
     "flash_wg2_n64",
     "flash_wg2_n128_ov",
     "flash_wg3_n128_ov",
+    "flash_tma2_n128",
+    "flash_tma3_n128",
+    "flash_tma2_n128_pp",
+    "flash_tma3_n128_pp",
     "linear_w8a16",
     "quantize_fp8_dev_x8",
     "rms_norm_row64_bf16",
@@ -275,6 +279,7 @@ const KERNEL_NAMES: &[&str] = &[
     "dequantize_fp8",
     "fp8_to_bf16",
     "copy2d_f32",
+    "split_last_f32",
     "permute_f32",
     "upsample2x_f32",
     "upsample2x_nhwc_bf16x8",
@@ -307,7 +312,31 @@ enum Arg {
     U(u64),
     L(i64),
     F(f32),
+    /// A TMA tensor map, passed by value (`const __grid_constant__ SdTmaDesc`).
+    Tma(TmaDesc),
+    /// Up to 16 device pointers, passed by value (`const __grid_constant__ SdPtrs16`).
+    Ptrs(PtrArray),
 }
+
+/// The most outputs one `split_last_f32` launch writes.
+const SPLIT_MAX_PARTS: usize = 16;
+
+/// Device pointers by value (the kernels' `SdPtrs16`), unused entries zero.
+#[derive(Clone, Copy)]
+#[repr(C)]
+struct PtrArray([u64; SPLIT_MAX_PARTS]);
+
+// SAFETY: plain integers, the layout of the kernels' `SdPtrs16`.
+unsafe impl cudarc::driver::DeviceRepr for PtrArray {}
+
+/// A tensor-memory-accelerator descriptor (`CUtensorMap`: 128 opaque bytes, 64-byte
+/// aligned), as the flash_tma kernels take it by value.
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+struct TmaDesc([u64; 16]);
+
+// SAFETY: plain bytes, the layout of the kernels' `SdTmaDesc` (and of CUtensorMap).
+unsafe impl cudarc::driver::DeviceRepr for TmaDesc {}
 
 /// GEMM in cuBLASLt's column-major terms: `D[m, n] = op(A)[m, k] op(B)[k, n]`.
 #[derive(Clone, Copy)]
@@ -571,7 +600,21 @@ pub enum FlashVariant {
     Wg2N128Overlap = 6,
     /// As `Wg3N128`, softmax overlapping the MMAs.
     Wg3N128Overlap = 7,
+    /// Warp-specialized (FlashAttention-3's layout): a producer warpgroup loads K/V
+    /// tiles with the tensor memory accelerator into 3 stages handed over through
+    /// mbarriers; 2 consumer warpgroups x 64 query rows that never wait for each other.
+    Tma2N128 = 8,
+    /// As `Tma2N128` with 3 consumer warpgroups (192 query rows per block).
+    Tma3N128 = 9,
+    /// As `Tma2N128`, the consumers taking turns on the tensor cores (FlashAttention-3's
+    /// ping-pong schedule: one's softmax runs while the other's MMAs do).
+    Tma2N128Pingpong = 10,
+    /// As `Tma3N128`, taking turns in a cycle of three.
+    Tma3N128Pingpong = 11,
 }
+
+/// Keys per K/V tile of the flash_tma kernels (the box of their tensor maps).
+const FLASH_TMA_KEYS: u32 = 128;
 
 /// A flash kernel's launch shape.
 #[derive(Clone, Copy, Debug)]
@@ -585,10 +628,12 @@ struct FlashKernel {
     shared_bytes: u32,
     /// Takes the two-segment (joint) argument list and needs sm_90a.
     wgmma: bool,
+    /// Reads K/V through TMA tensor maps (the flash_tma kernels' argument list).
+    tma: bool,
 }
 
 impl FlashVariant {
-    pub const ALL: [FlashVariant; 8] = [
+    pub const ALL: [FlashVariant; 12] = [
         Self::W8M1,
         Self::W8M2,
         Self::W4M2,
@@ -597,6 +642,10 @@ impl FlashVariant {
         Self::Wg2N64,
         Self::Wg2N128Overlap,
         Self::Wg3N128Overlap,
+        Self::Tma2N128,
+        Self::Tma3N128,
+        Self::Tma2N128Pingpong,
+        Self::Tma3N128Pingpong,
     ];
     fn kernel(self) -> FlashKernel {
         let mma_sync = |name, rows, threads| FlashKernel {
@@ -605,6 +654,7 @@ impl FlashVariant {
             threads,
             shared_bytes: 0,
             wgmma: false,
+            tma: false,
         };
         // K and V tiles of `keys` rows of 128 bytes, `stages` of each, plus the slack
         // that lets the kernel align them to 1024 bytes.
@@ -614,6 +664,20 @@ impl FlashVariant {
             threads: 128 * warpgroups as u32,
             shared_bytes: 2 * stages * keys * 128 + 1024,
             wgmma: true,
+            tma: false,
+        };
+        // `stages` K/V tile pairs of 128 keys, one 64-row Q tile per consumer warpgroup,
+        // three mbarriers per stage, and the alignment slack; a producer warpgroup more.
+        let tma = |name, consumers: usize, stages: u32| FlashKernel {
+            name,
+            rows: 64 * consumers,
+            threads: 128 * (consumers as u32 + 1),
+            shared_bytes: 2 * stages * FLASH_TMA_KEYS * 128
+                + consumers as u32 * 64 * 128
+                + 3 * stages * 8
+                + 1024,
+            wgmma: true,
+            tma: true,
         };
         match self {
             Self::W8M1 => mma_sync("flash_attn_d64", 128, 256),
@@ -624,6 +688,10 @@ impl FlashVariant {
             Self::Wg2N64 => wgmma("flash_wg2_n64", 2, 64, 2),
             Self::Wg2N128Overlap => wgmma("flash_wg2_n128_ov", 2, 128, 3),
             Self::Wg3N128Overlap => wgmma("flash_wg3_n128_ov", 3, 128, 3),
+            Self::Tma2N128 => tma("flash_tma2_n128", 2, 3),
+            Self::Tma3N128 => tma("flash_tma3_n128", 3, 3),
+            Self::Tma2N128Pingpong => tma("flash_tma2_n128_pp", 2, 3),
+            Self::Tma3N128Pingpong => tma("flash_tma3_n128_pp", 3, 3),
         }
     }
     pub fn name(self) -> &'static str {
@@ -635,15 +703,17 @@ impl FlashVariant {
     }
 }
 
-/// 255 = not chosen yet (then `SD_CUDA_FLASH_VARIANT` = 0..7, else the default: on a
+/// 255 = not chosen yet (then `SD_CUDA_FLASH_VARIANT` = 0..11, else the default: on a
 /// GPU with sm_90a kernels [`DEFAULT_HOPPER_FLASH`], elsewhere W8M2, the fastest
 /// mma.sync tiling).
 static FLASH_VARIANT: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(255);
 
 /// The flash tiling a Hopper GPU uses unless told otherwise: the fastest on the H100 at
-/// SD3.5-medium's joint attention (305-311 TFLOP/s, against 268-273 for 2 warpgroups,
-/// 226 with 64-key tiles and 241-244 for the best mma.sync tiling; benchmarks/README.md).
-const DEFAULT_HOPPER_FLASH: FlashVariant = FlashVariant::Wg3N128;
+/// SD3.5-medium's joint attention (the TMA producer with three consumer warpgroups:
+/// 0.564-0.583 ms, 413-427 TFLOP/s, against 0.571-0.617 for its ping-pong twin,
+/// 0.672-0.852 with two consumers and 0.797-0.802 for `Wg3N128`, the default before;
+/// benchmarks/README.md).
+const DEFAULT_HOPPER_FLASH: FlashVariant = FlashVariant::Tma3N128;
 
 /// Chooses the flash-attention tiling for every backend of this process (a Hopper-only
 /// tiling falls back to W8M2 on other GPUs).
@@ -677,6 +747,46 @@ pub fn flash_variant_for(hopper: bool) -> FlashVariant {
 /// The flash-attention tiling in use on a Hopper GPU.
 pub fn flash_variant() -> FlashVariant {
     flash_variant_for(true)
+}
+
+/// The tensor map of a BF16 `[batch, seq, heads * 64]` key or value tensor at `ptr`, as
+/// the flash_tma kernels read it: boxes of one head (64 values, 128 bytes) by
+/// [`FLASH_TMA_KEYS`] rows of one batch entry, in the 128-byte swizzle their wgmma
+/// descriptors name, rows past `seq` zero-filled.
+fn tma_kv_map(ptr: u64, seq: usize, heads: usize, batch: usize) -> Result<TmaDesc> {
+    use cudarc::driver::sys as ds;
+    let row_bytes = (heads * 64 * 2) as u64;
+    let dims: [u64; 3] = [(heads * 64) as u64, seq as u64, batch as u64];
+    // Byte strides of dimensions 1 and 2 (dimension 0 is contiguous).
+    let strides: [u64; 2] = [row_bytes, row_bytes * seq as u64];
+    let boxes: [u32; 3] = [64, FLASH_TMA_KEYS, 1];
+    let steps: [u32; 3] = [1, 1, 1];
+    let mut map = std::mem::MaybeUninit::<ds::CUtensorMap>::zeroed();
+    // SAFETY: every array has the rank's length (strides rank - 1); `ptr` is a live
+    // device allocation of batch * seq rows of `row_bytes`; the map is plain bytes.
+    unsafe {
+        ds::cuTensorMapEncodeTiled(
+            map.as_mut_ptr(),
+            ds::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
+            3,
+            ptr as *mut c_void,
+            dims.as_ptr(),
+            strides.as_ptr(),
+            boxes.as_ptr(),
+            steps.as_ptr(),
+            ds::CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
+            ds::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
+            ds::CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+            ds::CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
+        )
+        .result()
+        .map_err(|e| {
+            CudaError::Driver(format!(
+                "flash attention: tensor map of [{batch}, {seq}, {heads}x64] at {ptr:#x}: {e:?}"
+            ))
+        })?;
+        Ok(TmaDesc(map.assume_init().opaque))
+    }
 }
 
 /// GPU memory figures (bytes).
@@ -1080,6 +1190,8 @@ impl Inner {
                 Arg::I(v) => b.arg(v),
                 Arg::L(v) => b.arg(v),
                 Arg::F(v) => b.arg(v),
+                Arg::Tma(v) => b.arg(v),
+                Arg::Ptrs(v) => b.arg(v),
             };
         }
         // SAFETY: argument lists match the kernels' signatures in kernels/*.cu, and
@@ -1415,6 +1527,53 @@ impl Inner {
                 Arg::I(self.r()),
             ],
         )
+    }
+
+    /// The last dimension of `x` cut into `n` equal parts, each its own tensor, in one
+    /// launch (more than [`SPLIT_MAX_PARTS`] parts: one copy each).
+    fn chunks(&self, x: &CudaTensor, n: usize) -> Result<Vec<CudaTensor>> {
+        let c = *x.shape.last().unwrap_or(&0);
+        if n == 0 || !c.is_multiple_of(n) {
+            return Err(bad(format!(
+                "chunks: cannot cut the last dimension of {:?} into {n} equal parts",
+                x.shape
+            )));
+        }
+        let (len, rows) = (c / n, x.numel() / c.max(1));
+        let mut shape = x.shape.clone();
+        if let Some(l) = shape.last_mut() {
+            *l = len;
+        }
+        let parts = (0..n)
+            .map(|_| self.talloc(rows * len))
+            .collect::<Result<Vec<_>>>()?;
+        if rows * len > 0 && n <= SPLIT_MAX_PARTS {
+            let mut ptrs = PtrArray([0; SPLIT_MAX_PARTS]);
+            for (slot, p) in ptrs.0.iter_mut().zip(&parts) {
+                *slot = self.sptr(p);
+            }
+            self.launch(
+                "split_last_f32",
+                Self::grid(rows * c),
+                &[
+                    Arg::P(self.tp(x)),
+                    Arg::Ptrs(ptrs),
+                    Arg::U(rows as u64),
+                    Arg::U(len as u64),
+                    Arg::I(n as i32),
+                    Arg::I(self.r()),
+                ],
+            )?;
+        } else if rows * len > 0 {
+            for (k, p) in parts.iter().enumerate() {
+                let src = self.tp(x) + (k * len * self.es()) as u64;
+                self.copy2d(src, self.sptr(p), rows, len, c, len)?;
+            }
+        }
+        Ok(parts
+            .into_iter()
+            .map(|p| self.wrap(shape.clone(), p))
+            .collect())
     }
 
     /// Quantizes `x` to FP8 codes with a host scale (for tests and the emulated path).
@@ -2541,6 +2700,40 @@ impl Inner {
             block_dim: (fk.threads, 1, 1),
             shared_mem_bytes: fk.shared_bytes,
         };
+        if fk.tma {
+            // K and V of each segment through a tensor map; an absent second segment
+            // repeats the first's (no tile of it is ever loaded).
+            let kv_map = |t: &CudaTensor| tma_kv_map(self.tp(t), t.shape[1], heads, b);
+            let (k1m, v1m) = (kv_map(k)?, kv_map(v)?);
+            let (k2m, v2m) = if second.is_some() {
+                (kv_map(k2)?, kv_map(v2)?)
+            } else {
+                (k1m, v1m)
+            };
+            self.launch(
+                fk.name,
+                cfg,
+                &[
+                    Arg::Tma(k1m),
+                    Arg::Tma(v1m),
+                    Arg::Tma(k2m),
+                    Arg::Tma(v2m),
+                    Arg::P(self.tp(q)),
+                    Arg::P(self.sptr(&out1)),
+                    Arg::I(sq1 as i32),
+                    Arg::I(sk1 as i32),
+                    Arg::P(self.tp(q2)),
+                    Arg::P(o2),
+                    Arg::I(sq2 as i32),
+                    Arg::I(sk2 as i32),
+                    Arg::I(heads as i32),
+                    Arg::F(scale),
+                ],
+            )?;
+            let o1 = self.wrap(q.shape.clone(), out1);
+            let o2 = out2.map(|o| self.wrap(q2.shape.clone(), o));
+            return Ok((o1, o2));
+        }
         self.launch(
             fk.name,
             cfg,
@@ -4230,6 +4423,9 @@ impl Backend for CudaBackend {
         len: usize,
     ) -> sd_model::Result<CudaTensor> {
         self.call(|i| i.narrow(&*i.rm(x)?, dim, start, len))
+    }
+    fn chunks(&self, x: &CudaTensor, n: usize) -> sd_model::Result<Vec<CudaTensor>> {
+        self.call(|i| me(i.chunks(&*i.rm(x)?, n)))
     }
     fn reshape(&self, x: &CudaTensor, shape: &[usize]) -> sd_model::Result<CudaTensor> {
         if shape.iter().product::<usize>() != x.numel() {

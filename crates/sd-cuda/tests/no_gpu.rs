@@ -78,7 +78,7 @@ fn hopper_gets_sm_90a_kernels_and_others_no_wgmma_tiling() {
         .iter()
         .filter(|v| v.needs_hopper())
         .collect();
-    assert_eq!(hopper_only.len(), 5, "the five wgmma tilings");
+    assert_eq!(hopper_only.len(), 9, "the five wgmma and four TMA tilings");
     // A wgmma tiling chosen for the process falls back to mma.sync off Hopper.
     sd_cuda::set_flash_variant(FlashVariant::Wg3N128);
     assert_eq!(sd_cuda::flash_variant_for(true), FlashVariant::Wg3N128);

@@ -347,6 +347,22 @@ pub trait Backend: Send + Sync {
         start: usize,
         len: usize,
     ) -> Result<Self::Tensor>;
+    /// The last dimension cut into `n` equal parts, in order (adaLN's modulation
+    /// vectors). Default: one `narrow` per part; a backend may cut all in one pass.
+    fn chunks(&self, x: &Self::Tensor, n: usize) -> Result<Vec<Self::Tensor>> {
+        let dims = self.dims(x);
+        let (last, c) = match dims.split_last() {
+            Some((&c, _)) if n > 0 && c.is_multiple_of(n) => (dims.len() - 1, c),
+            _ => {
+                return Err(ModelError::backend(format!(
+                    "chunks: cannot cut the last dimension of {dims:?} into {n} equal parts"
+                )));
+            }
+        };
+        (0..n)
+            .map(|i| self.narrow(x, last, i * c / n, c / n))
+            .collect()
+    }
     /// Same data, new shape.
     fn reshape(&self, x: &Self::Tensor, shape: &[usize]) -> Result<Self::Tensor>;
     /// Axis permutation (materialised).

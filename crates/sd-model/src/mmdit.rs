@@ -198,29 +198,33 @@ impl<B: Backend> JointBlock<B> {
         heads: usize,
     ) -> Result<(B::Tensor, Option<B::Tensor>)> {
         let dim = b.dims(x)[2];
-        let chunk = |t: &B::Tensor, i: usize| b.narrow(t, 1, i * dim, dim);
+        // adaLN's modulation vectors, every one cut out in one call.
+        let modulation = |lin: &B::Linear| -> Result<Vec<B::Tensor>> {
+            let m = b.linear(silu_temb, lin)?;
+            let parts = b.dims(&m)[1] / dim.max(1);
+            b.chunks(&m, parts)
+        };
         let x_in = x;
 
         // Image stream modulation, then its projections. Each normalized input goes
         // straight to its Q/K/V projections (`layer_norm_modulate_for`: a backend may
         // write their FP8 input codes in the norm's pass and keep the last such codes).
-        let m = b.linear(silu_temb, &self.norm1)?;
+        let m = modulation(&self.norm1)?;
         let x_mod =
-            b.layer_norm_modulate_for(x, &chunk(&m, 0)?, &chunk(&m, 1)?, NORM_EPS, &self.image.q)?;
+            b.layer_norm_modulate_for(x, chunk(&m, 0)?, chunk(&m, 1)?, NORM_EPS, &self.image.q)?;
         let (gate_msa, shift_mlp, scale_mlp, gate_mlp) =
             (chunk(&m, 2)?, chunk(&m, 3)?, chunk(&m, 4)?, chunk(&m, 5)?);
         let (qi, ki, vi) = self.image.project(b, &x_mod, heads)?;
 
         // Context stream modulation and projections.
-        let mc = b.linear(silu_temb, &self.norm1_context)?;
+        let mc = modulation(&self.norm1_context)?;
         let (c_shift, c_scale) = if self.to_add_out.is_none() {
             // AdaLayerNormContinuous: (scale, shift), in that order.
             (chunk(&mc, 1)?, chunk(&mc, 0)?)
         } else {
             (chunk(&mc, 0)?, chunk(&mc, 1)?)
         };
-        let c_mod =
-            b.layer_norm_modulate_for(ctx, &c_shift, &c_scale, NORM_EPS, &self.context.q)?;
+        let c_mod = b.layer_norm_modulate_for(ctx, c_shift, c_scale, NORM_EPS, &self.context.q)?;
         let (qc, kc, vc) = self.context.project(b, &c_mod, heads)?;
 
         // Joint attention: image tokens first, then context tokens.
@@ -236,38 +240,33 @@ impl<B: Backend> JointBlock<B> {
 
         // The last residual add of the attention part goes with the MLP's norm.
         let (x, h) = if let Some((proj2, out2)) = &self.attn2 {
-            let x = b.gated_add(x, &gate_msa, &o_img)?;
+            let x = b.gated_add(x, gate_msa, &o_img)?;
             // The same norm of the block input as x_mod (MMDiT-X's second attention).
-            let x_mod2 = b.layer_norm_modulate_for(
-                x_in,
-                &chunk(&m, 6)?,
-                &chunk(&m, 7)?,
-                NORM_EPS,
-                &proj2.q,
-            )?;
+            let x_mod2 =
+                b.layer_norm_modulate_for(x_in, chunk(&m, 6)?, chunk(&m, 7)?, NORM_EPS, &proj2.q)?;
             let (q2, k2, v2) = proj2.project(b, &x_mod2, heads)?;
             let o2 = b.linear(&b.attention(&q2, &k2, &v2, params)?, out2)?;
             b.gated_add_layer_norm_modulate_for(
                 &x,
-                &chunk(&m, 8)?,
+                chunk(&m, 8)?,
                 &o2,
-                &shift_mlp,
-                &scale_mlp,
+                shift_mlp,
+                scale_mlp,
                 NORM_EPS,
                 &self.ff.up,
             )?
         } else {
             b.gated_add_layer_norm_modulate_for(
                 x,
-                &gate_msa,
+                gate_msa,
                 &o_img,
-                &shift_mlp,
-                &scale_mlp,
+                shift_mlp,
+                scale_mlp,
                 NORM_EPS,
                 &self.ff.up,
             )?
         };
-        let x = b.gated_add(&x, &gate_mlp, &self.ff.forward(b, &h)?)?;
+        let x = b.gated_add(&x, gate_mlp, &self.ff.forward(b, &h)?)?;
 
         let (Some(to_add_out), Some(ff_context)) = (&self.to_add_out, &self.ff_context) else {
             return Ok((x, None));
@@ -275,16 +274,26 @@ impl<B: Backend> JointBlock<B> {
         let o_ctx = b.linear(&o_ctx, to_add_out)?;
         let (ctx, h) = b.gated_add_layer_norm_modulate_for(
             ctx,
-            &chunk(&mc, 2)?,
+            chunk(&mc, 2)?,
             &o_ctx,
-            &chunk(&mc, 3)?,
-            &chunk(&mc, 4)?,
+            chunk(&mc, 3)?,
+            chunk(&mc, 4)?,
             NORM_EPS,
             &ff_context.up,
         )?;
-        let ctx = b.gated_add(&ctx, &chunk(&mc, 5)?, &ff_context.forward(b, &h)?)?;
+        let ctx = b.gated_add(&ctx, chunk(&mc, 5)?, &ff_context.forward(b, &h)?)?;
         Ok((x, Some(ctx)))
     }
+}
+
+/// Part `i` of an adaLN modulation (`Backend::chunks`).
+fn chunk<T>(parts: &[T], i: usize) -> Result<&T> {
+    parts.get(i).ok_or_else(|| {
+        ModelError::backend(format!(
+            "adaLN modulation has {} chunks, the block needs chunk {i}",
+            parts.len()
+        ))
+    })
 }
 
 /// The denoising transformer.
@@ -491,7 +500,6 @@ impl<B: Backend> Mmdit<B> {
         }
         self.check_latent_size(dims[2], dims[3])?;
         let p = cfg.patch_size;
-        let d = cfg.inner_dim();
 
         // Patchify [B, C, gh, p, gw, p] -> [B, gh*gw, C*p*p] and embed (the conv as a linear).
         let x = b.patchify(latents, p)?;
@@ -517,7 +525,10 @@ impl<B: Backend> Mmdit<B> {
         }
 
         let m = b.linear(&silu_temb, &self.norm_out)?;
-        let (scale, shift) = (b.narrow(&m, 1, 0, d)?, b.narrow(&m, 1, d, d)?);
+        let [scale, shift]: [B::Tensor; 2] = b
+            .chunks(&m, 2)?
+            .try_into()
+            .map_err(|_| ModelError::backend("chunks: expected 2 parts"))?;
         let x = b.layer_norm_modulate(&x, &shift, &scale, NORM_EPS)?;
         let x = b.linear(&x, &self.proj_out)?;
 
