@@ -475,6 +475,98 @@ __device__ __forceinline__ void cp_async16(unsigned dst, const void* src, int by
                  : "memory");
 }
 
+// Online softmax (base 2) of one K/V tile's scores in s, a thread's wgmma accumulators:
+// rows g (s[4i], s[4i+1]) and g + 8 (s[4i+2], s[4i+3]), keys 8i + 2t and 8i + 2t + 1 of
+// the tile. When `partial` (the tile runs past the keys), keys with k0 + key >= end are
+// masked. Writes P (BF16, the A fragments of O += P V), updates the running max (m) and
+// sum (l), and returns in alA/alB the factors that rescale O to the new max.
+template <int NS>
+__device__ __forceinline__ void fa_softmax_tile(float (&s)[NS], unsigned (&p)[NS / 8][4],
+                                                bool partial, int k0, int end, int t, float sl2,
+                                                float& mA, float& mB, float& lA, float& lB,
+                                                float& alA, float& alB) {
+    const float NEG_INF = -__int_as_float(0x7f800000);
+    if (partial) {
+#pragma unroll
+        for (int i = 0; i < NS / 4; ++i) {
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+                if (k0 + 8 * i + 2 * t + e >= end) s[4 * i + e] = s[4 * i + 2 + e] = NEG_INF;
+            }
+        }
+    }
+    float mxA = NEG_INF, mxB = NEG_INF;
+#pragma unroll
+    for (int i = 0; i < NS / 4; ++i) {
+        mxA = fmaxf(mxA, fmaxf(s[4 * i], s[4 * i + 1]));
+        mxB = fmaxf(mxB, fmaxf(s[4 * i + 2], s[4 * i + 3]));
+    }
+    mxA = fmaxf(mxA, __shfl_xor_sync(0xffffffffu, mxA, 1));
+    mxA = fmaxf(mxA, __shfl_xor_sync(0xffffffffu, mxA, 2));
+    mxB = fmaxf(mxB, __shfl_xor_sync(0xffffffffu, mxB, 1));
+    mxB = fmaxf(mxB, __shfl_xor_sync(0xffffffffu, mxB, 2));
+    const float nmA = fmaxf(mA, mxA * sl2), nmB = fmaxf(mB, mxB * sl2);
+    alA = fa_exp2(mA - nmA);
+    alB = fa_exp2(mB - nmB);
+    mA = nmA;
+    mB = nmB;
+    float sumA = 0.f, sumB = 0.f;
+#pragma unroll
+    for (int i = 0; i < NS / 4; ++i) {
+        const float p0 = fa_exp2(fmaf(s[4 * i], sl2, -nmA));
+        const float p1 = fa_exp2(fmaf(s[4 * i + 1], sl2, -nmA));
+        const float p2 = fa_exp2(fmaf(s[4 * i + 2], sl2, -nmB));
+        const float p3 = fa_exp2(fmaf(s[4 * i + 3], sl2, -nmB));
+        sumA += p0 + p1;
+        sumB += p2 + p3;
+        // Key chunk i is half (i % 2) of k-step i / 2: a0/a1 for keys 0..7, a2/a3 for 8..15.
+        p[i / 2][(i & 1) * 2 + 0] = fa_pack(p0, p1);
+        p[i / 2][(i & 1) * 2 + 1] = fa_pack(p2, p3);
+    }
+    lA = lA * alA + sumA;
+    lB = lB * alB + sumB;
+}
+
+// O (a thread's m64n64 accumulators: rows g and g + 8, dims 8i + 2t, + 1) times the
+// rescale factors of its two rows.
+__device__ __forceinline__ void fa_rescale_o(float (&o)[32], float alA, float alB) {
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+        o[4 * i] *= alA;
+        o[4 * i + 1] *= alA;
+        o[4 * i + 2] *= alB;
+        o[4 * i + 3] *= alB;
+    }
+}
+
+// O / l as BF16 into this thread's rows r0 + g and r0 + g + 8 of head h of entry bi's
+// output: a row r < sq1 is row r of o1, a later one row r - sq1 of o2 (the joint
+// attention's two streams); rows at or past sq are not stored.
+__device__ __forceinline__ void fa_store_rows(const float (&o)[32], float lA, float lB, int r0,
+                                              int g, int t, int bi, int sq1, int sq2, int sq,
+                                              unsigned long long c, unsigned long long hd,
+                                              __nv_bfloat16* o1, __nv_bfloat16* o2) {
+    lA += __shfl_xor_sync(0xffffffffu, lA, 1);
+    lA += __shfl_xor_sync(0xffffffffu, lA, 2);
+    lB += __shfl_xor_sync(0xffffffffu, lB, 1);
+    lB += __shfl_xor_sync(0xffffffffu, lB, 2);
+    const float iA = 1.0f / lA, iB = 1.0f / lB;
+    const int rA = r0 + g, rB = rA + 8;
+    const unsigned long long ob1 = (unsigned long long)bi * sq1 * c + hd;
+    const unsigned long long ob2 = (unsigned long long)bi * sq2 * c + hd;
+    __nv_bfloat16* pA = rA < sq1 ? o1 + ob1 + (unsigned long long)rA * c
+                                 : o2 + ob2 + (unsigned long long)(rA - sq1) * c;
+    __nv_bfloat16* pB = rB < sq1 ? o1 + ob1 + (unsigned long long)rB * c
+                                 : o2 + ob2 + (unsigned long long)(rB - sq1) * c;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+        const int d0 = 8 * i + 2 * t;
+        if (rA < sq) *reinterpret_cast<unsigned*>(pA + d0) = fa_pack(o[4 * i] * iA, o[4 * i + 1] * iA);
+        if (rB < sq)
+            *reinterpret_cast<unsigned*>(pB + d0) = fa_pack(o[4 * i + 2] * iB, o[4 * i + 3] * iB);
+    }
+}
+
 template <int NWG, int BN, bool OVERLAP>
 __device__ __forceinline__ void flash_wg_impl(
     const __nv_bfloat16* __restrict__ q1, const __nv_bfloat16* __restrict__ k1,
@@ -581,61 +673,11 @@ __device__ __forceinline__ void flash_wg_impl(
     const float sl2 = scale * 1.4426950408889634f;
     const int ntiles = (sk + BN - 1) / BN;
 
-    // Online softmax (base 2) of tile j's scores in s: this thread's rows are g
-    // (s[4i], s[4i+1]) and g + 8 (s[4i+2], s[4i+3]), keys 8i + 2t and 8i + 2t + 1.
-    // Writes P (BF16, the A fragments of O += P V), updates the running max and sum, and
-    // returns in alA/alB the factors that rescale O to the new max.
     auto softmax_tile = [&](int j, unsigned (&p)[BN / 16][4], float& alA, float& alB) {
         const int k0 = j * BN;
-        if (k0 + BN > sk) {
-#pragma unroll
-            for (int i = 0; i < NS / 4; ++i) {
-#pragma unroll
-                for (int e = 0; e < 2; ++e) {
-                    if (k0 + 8 * i + 2 * t + e >= sk) s[4 * i + e] = s[4 * i + 2 + e] = NEG_INF;
-                }
-            }
-        }
-        float mxA = NEG_INF, mxB = NEG_INF;
-#pragma unroll
-        for (int i = 0; i < NS / 4; ++i) {
-            mxA = fmaxf(mxA, fmaxf(s[4 * i], s[4 * i + 1]));
-            mxB = fmaxf(mxB, fmaxf(s[4 * i + 2], s[4 * i + 3]));
-        }
-        mxA = fmaxf(mxA, __shfl_xor_sync(0xffffffffu, mxA, 1));
-        mxA = fmaxf(mxA, __shfl_xor_sync(0xffffffffu, mxA, 2));
-        mxB = fmaxf(mxB, __shfl_xor_sync(0xffffffffu, mxB, 1));
-        mxB = fmaxf(mxB, __shfl_xor_sync(0xffffffffu, mxB, 2));
-        const float nmA = fmaxf(mA, mxA * sl2), nmB = fmaxf(mB, mxB * sl2);
-        alA = fa_exp2(mA - nmA);
-        alB = fa_exp2(mB - nmB);
-        mA = nmA;
-        mB = nmB;
-        float sumA = 0.f, sumB = 0.f;
-#pragma unroll
-        for (int i = 0; i < NS / 4; ++i) {
-            const float p0 = fa_exp2(fmaf(s[4 * i], sl2, -nmA));
-            const float p1 = fa_exp2(fmaf(s[4 * i + 1], sl2, -nmA));
-            const float p2 = fa_exp2(fmaf(s[4 * i + 2], sl2, -nmB));
-            const float p3 = fa_exp2(fmaf(s[4 * i + 3], sl2, -nmB));
-            sumA += p0 + p1;
-            sumB += p2 + p3;
-            // Key chunk i is half (i % 2) of k-step i / 2: a0/a1 for keys 0..7, a2/a3 for 8..15.
-            p[i / 2][(i & 1) * 2 + 0] = fa_pack(p0, p1);
-            p[i / 2][(i & 1) * 2 + 1] = fa_pack(p2, p3);
-        }
-        lA = lA * alA + sumA;
-        lB = lB * alB + sumB;
+        fa_softmax_tile<NS>(s, p, k0 + BN > sk, k0, sk, t, sl2, mA, mB, lA, lB, alA, alB);
     };
-    auto rescale_o = [&](float alA, float alB) {
-#pragma unroll
-        for (int i = 0; i < 8; ++i) {
-            o[4 * i] *= alA;
-            o[4 * i + 1] *= alA;
-            o[4 * i + 2] *= alB;
-            o[4 * i + 3] *= alB;
-        }
-    };
+    auto rescale_o = [&](float alA, float alB) { fa_rescale_o(o, alA, alB); };
 
     unsigned pa[BN / 16][4];
     float alA, alB;
@@ -698,25 +740,7 @@ __device__ __forceinline__ void flash_wg_impl(
         wg_hold(pa);
     }
 
-    lA += __shfl_xor_sync(0xffffffffu, lA, 1);
-    lA += __shfl_xor_sync(0xffffffffu, lA, 2);
-    lB += __shfl_xor_sync(0xffffffffu, lB, 1);
-    lB += __shfl_xor_sync(0xffffffffu, lB, 2);
-    const float iA = 1.0f / lA, iB = 1.0f / lB;
-    const int rA = q0 + g, rB = rA + 8;
-    const unsigned long long ob1 = (unsigned long long)bi * sq1 * c + hd;
-    const unsigned long long ob2 = (unsigned long long)bi * sq2 * c + hd;
-    __nv_bfloat16* pA = rA < sq1 ? o1 + ob1 + (unsigned long long)rA * c
-                                 : o2 + ob2 + (unsigned long long)(rA - sq1) * c;
-    __nv_bfloat16* pB = rB < sq1 ? o1 + ob1 + (unsigned long long)rB * c
-                                 : o2 + ob2 + (unsigned long long)(rB - sq1) * c;
-#pragma unroll
-    for (int i = 0; i < 8; ++i) {
-        const int d0 = 8 * i + 2 * t;
-        if (rA < sq) *reinterpret_cast<unsigned*>(pA + d0) = fa_pack(o[4 * i] * iA, o[4 * i + 1] * iA);
-        if (rB < sq)
-            *reinterpret_cast<unsigned*>(pB + d0) = fa_pack(o[4 * i + 2] * iB, o[4 * i + 3] * iB);
-    }
+    fa_store_rows(o, lA, lB, q0, g, t, bi, sq1, sq2, sq, c, hd, o1, o2);
 }
 #endif  // SD_HAVE_WGMMA
 
@@ -935,58 +959,10 @@ __device__ __forceinline__ void flash_tma_impl(
     float mA = NEG_INF, mB = NEG_INF, lA = 0.f, lB = 0.f;
     const float sl2 = scale * 1.4426950408889634f;
 
-    // Online softmax (base 2) of tile j's scores, as flash_wg_impl's: rows g (s[4i],
-    // s[4i+1]) and g + 8 (s[4i+2], s[4i+3]), keys 8i + 2t and 8i + 2t + 1 of the tile;
-    // keys at or past `valid` (the segment's end) are masked.
+    // Tile j's softmax; keys past its segment's end masked.
     auto softmax_tile = [&](int j, unsigned (&p)[BN / 16][4], float& alA, float& alB) {
         const int valid = j < n1 ? sk1 - j * BN : sk2 - (j - n1) * BN;
-        if (valid < BN) {
-#pragma unroll
-            for (int i = 0; i < NS / 4; ++i) {
-#pragma unroll
-                for (int e = 0; e < 2; ++e) {
-                    if (8 * i + 2 * t + e >= valid) s[4 * i + e] = s[4 * i + 2 + e] = NEG_INF;
-                }
-            }
-        }
-        float mxA = NEG_INF, mxB = NEG_INF;
-#pragma unroll
-        for (int i = 0; i < NS / 4; ++i) {
-            mxA = fmaxf(mxA, fmaxf(s[4 * i], s[4 * i + 1]));
-            mxB = fmaxf(mxB, fmaxf(s[4 * i + 2], s[4 * i + 3]));
-        }
-        mxA = fmaxf(mxA, __shfl_xor_sync(0xffffffffu, mxA, 1));
-        mxA = fmaxf(mxA, __shfl_xor_sync(0xffffffffu, mxA, 2));
-        mxB = fmaxf(mxB, __shfl_xor_sync(0xffffffffu, mxB, 1));
-        mxB = fmaxf(mxB, __shfl_xor_sync(0xffffffffu, mxB, 2));
-        const float nmA = fmaxf(mA, mxA * sl2), nmB = fmaxf(mB, mxB * sl2);
-        alA = fa_exp2(mA - nmA);
-        alB = fa_exp2(mB - nmB);
-        mA = nmA;
-        mB = nmB;
-        float sumA = 0.f, sumB = 0.f;
-#pragma unroll
-        for (int i = 0; i < NS / 4; ++i) {
-            const float p0 = fa_exp2(fmaf(s[4 * i], sl2, -nmA));
-            const float p1 = fa_exp2(fmaf(s[4 * i + 1], sl2, -nmA));
-            const float p2 = fa_exp2(fmaf(s[4 * i + 2], sl2, -nmB));
-            const float p3 = fa_exp2(fmaf(s[4 * i + 3], sl2, -nmB));
-            sumA += p0 + p1;
-            sumB += p2 + p3;
-            p[i / 2][(i & 1) * 2 + 0] = fa_pack(p0, p1);
-            p[i / 2][(i & 1) * 2 + 1] = fa_pack(p2, p3);
-        }
-        lA = lA * alA + sumA;
-        lB = lB * alB + sumB;
-    };
-    auto rescale_o = [&](float alA, float alB) {
-#pragma unroll
-        for (int i = 0; i < 8; ++i) {
-            o[4 * i] *= alA;
-            o[4 * i + 1] *= alA;
-            o[4 * i + 2] *= alB;
-            o[4 * i + 3] *= alB;
-        }
+        fa_softmax_tile<NS>(s, p, valid < BN, 0, valid, t, sl2, mA, mB, lA, lB, alA, alB);
     };
     auto phase = [&](int j) { return (unsigned)((j / STAGES) & 1); };
 
@@ -1034,28 +1010,10 @@ __device__ __forceinline__ void flash_tma_impl(
         release(st);
         if (more) {
             softmax_tile(j + 1, pa, alA, alB);
-            rescale_o(alA, alB);
+            fa_rescale_o(o, alA, alB);
         }
     }
-    lA += __shfl_xor_sync(0xffffffffu, lA, 1);
-    lA += __shfl_xor_sync(0xffffffffu, lA, 2);
-    lB += __shfl_xor_sync(0xffffffffu, lB, 1);
-    lB += __shfl_xor_sync(0xffffffffu, lB, 2);
-    const float iA = 1.0f / lA, iB = 1.0f / lB;
-    const int rA = qrow0 + warp * 16 + g, rB = rA + 8;
-    const unsigned long long ob1 = (unsigned long long)bi * sq1 * c + hd;
-    const unsigned long long ob2 = (unsigned long long)bi * sq2 * c + hd;
-    __nv_bfloat16* pA = rA < sq1 ? o1 + ob1 + (unsigned long long)rA * c
-                                 : o2 + ob2 + (unsigned long long)(rA - sq1) * c;
-    __nv_bfloat16* pB = rB < sq1 ? o1 + ob1 + (unsigned long long)rB * c
-                                 : o2 + ob2 + (unsigned long long)(rB - sq1) * c;
-#pragma unroll
-    for (int i = 0; i < 8; ++i) {
-        const int d0 = 8 * i + 2 * t;
-        if (rA < sq) *reinterpret_cast<unsigned*>(pA + d0) = fa_pack(o[4 * i] * iA, o[4 * i + 1] * iA);
-        if (rB < sq)
-            *reinterpret_cast<unsigned*>(pB + d0) = fa_pack(o[4 * i + 2] * iB, o[4 * i + 3] * iB);
-    }
+    fa_store_rows(o, lA, lB, qrow0 + warp * 16, g, t, bi, sq1, sq2, sq, c, hd, o1, o2);
 }
 #endif  // SD_HAVE_WGMMA
 
