@@ -176,6 +176,16 @@ def main():
                      f"{FLOP[model] / ms / 1e9:.0f} | {r['peak_gib']:.2f} | {r['param_gib']:.2f} |")
             if r.get("step_wall_ms_median"):
                 L[-1] = L[-1].replace(f"| {ms:.1f} |", f"| {ms:.1f} (wall {r['step_wall_ms_median']:.1f}) |", 1)
+            g = r.get("cuda_graph")
+            if g:
+                gms = g["step_ms_median"]
+                same = "identical output" if g.get("output_identical_to_eager") else \
+                    f"output differs from eager by up to {g.get('output_max_abs_diff_vs_eager')}"
+                L.append(f"| sd-cuda {r['precision'].upper()}, step as a CUDA graph ({same}; "
+                         f"{g.get('failed_captures', 0)} failed captures) | {gms:.1f} (wall {g['step_wall_ms_median']:.1f}) | "
+                         f"{ratio(e_ms, gms)} | {ratio(c_ms, gms)} | "
+                         f"{FLOP[model] / gms / 1e9:.0f} | {g['pool_peak_gib'] + g['graph_peak_gib']:.2f} "
+                         f"(pool {g['pool_peak_gib']:.2f} + graph {g['graph_peak_gib']:.2f}) | {r['param_gib']:.2f} |")
             if "exact_attention_step_ms" in r:
                 ex = r["exact_attention_step_ms"]
                 L.append(f"| sd-cuda {r['precision'].upper()}, exact attention kernel (before this issue's work) | "
@@ -237,6 +247,9 @@ def main():
                 L.append(f"| full image, measured | {fmt(pipe and pipe['e2e_ms_median'], 0)} "
                          f"(peak {fmt(pipe and pipe['peak_gib'], 2)} GiB) | "
                          f"{fmt(pe2e and pe2e['median_s'] * 1000.0, 0)} (peak {fmt(pe2e and pe2e.get('peak_gib'), 2)} GiB) | — |")
+                if pipe and pipe.get("e2e_cuda_graphs_ms_best"):
+                    L.append(f"| full image, measured, step as a CUDA graph | "
+                             f"{fmt(pipe['e2e_cuda_graphs_ms_best'], 0)} | — | — |")
     if attention:
         a = attention[0]
         L.append("\n## Joint attention kernel (SD3.5-medium shape)\n")

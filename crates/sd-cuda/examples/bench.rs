@@ -8,6 +8,7 @@
 //!               [--no-pipeline] [--tokenizers models/tiny-sd35m] [--label TEXT]
 //!               [--per-tensor] [--adaln fp8-weights|fp8|high] [--tune-gemms]
 //!               [--fp8-gemm native|fast-accum|exact-via-bf16] [--flash-variants 4,8,9]
+//!               [--no-graphs]
 //! ```
 //!
 //! Timing: CUDA events recorded on the backend's stream before and after one whole
@@ -17,8 +18,13 @@
 //! a whole SD3.5-medium pipeline at real sizes (CLIP-L, CLIP-G, T5-XXL, transformer,
 //! VAE; random weights) and times each text encoder (events) and a full 28-step
 //! 1024x1024 image with CFG 5.0 (wall time, like diffusers' `sd35_e2e.py`).
+//! Each transformer record also times the same step replayed from a CUDA graph
+//! (`cuda_graph`: recorded on the second call, replayed after) and checks its output
+//! against the eager step's; the pipeline stage times the full image both ways
+//! (`--no-graphs`: eager only).
 //! Memory: the high-water mark of the stream-ordered pool every allocation comes
-//! from (weights included), comparable to `torch.cuda.max_memory_allocated`.
+//! from (weights included), comparable to `torch.cuda.max_memory_allocated`; a graph's
+//! activations are graph allocations, reported next to it (`graph_peak_gib`).
 //! Writes `OUT_DIR/bench.json` (rewritten after every measurement) and prints a log.
 
 use std::borrow::Cow;
@@ -349,6 +355,8 @@ struct Opts {
     /// The flash tilings the attention microbenchmark times (`--flash-variants 4,8`:
     /// `SD_CUDA_FLASH_VARIANT` numbers); all of them when not given.
     flash_variants: Vec<FlashVariant>,
+    /// Also time the step replayed from a CUDA graph (`--no-graphs`: not).
+    graphs: bool,
 }
 
 fn profile_json(b: &CudaBackend) -> R<Value> {
@@ -382,6 +390,8 @@ fn bench_transformer(
         PrecisionPlan::default()
     };
     let b = CudaBackend::new(0, prec)?.with_fp8_gemm(fp8_gemm);
+    // The eager step first, whatever SD_CUDA_GRAPHS says; the graph replay below.
+    b.set_cuda_graphs(false)?;
     let t0 = Instant::now();
     let m = Mmdit::load(&b, cfg.clone(), &RandomWeights, &plan)?;
     b.synchronize()?;
@@ -483,6 +493,42 @@ fn bench_transformer(
         let (rel_max, rel_rms) = rel_err(&y, &ye);
         rec["exact_attention_step_ms"] = json!((exact_ms * 10.0).round() / 10.0);
         rec["flash_vs_exact_step_output"] = json!({"max_rel": rel_max, "rms_rel": rel_rms});
+    }
+    // The same step recorded once as a CUDA graph and replayed: one launch per step
+    // instead of ~1,000, and proof that nothing in the step waits for the host.
+    if o.graphs {
+        b.set_cuda_graphs(true)?;
+        // The eager first run, the recording, then warm replays.
+        for _ in 0..o.warmup.max(1) + 2 {
+            step(&b)?;
+        }
+        b.reset_peak_memory()?;
+        let both: Vec<(f64, f64)> = (0..o.iters).map(|_| step(&b)).collect::<R<_>>()?;
+        let gmem = b.memory_stats()?;
+        let yg = b.download(&m.forward(&b, &lat, &ctx, &pooled, &ts)?)?;
+        let stats = b.graph_stats()?;
+        b.set_cuda_graphs(false)?;
+        let mut times: Vec<f64> = both.iter().map(|t| t.0).collect();
+        let mut walls: Vec<f64> = both.iter().map(|t| t.1).collect();
+        let max_abs = y
+            .data
+            .iter()
+            .zip(&yg.data)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max);
+        rec["cuda_graph"] = json!({
+            "step_ms_median": (median(&mut times) * 100.0).round() / 100.0,
+            "step_wall_ms_median": (median(&mut walls) * 100.0).round() / 100.0,
+            "pool_peak_gib": (gib(gmem.peak_used) * 1000.0).round() / 1000.0,
+            "graph_peak_gib": (gib(gmem.graph_peak_used) * 1000.0).round() / 1000.0,
+            "graph_reserved_gib": (gib(gmem.graph_reserved) * 1000.0).round() / 1000.0,
+            "output_identical_to_eager": yg.data == y.data,
+            "output_max_abs_diff_vs_eager": max_abs,
+            "replays": stats.replays,
+            "captures": stats.captures,
+            "failed_captures": stats.failed,
+            "timing": "as the eager step: CUDA events around one forward (input copies, graph launch, output copy)",
+        });
     }
     let finite = y.data.iter().all(|v| v.is_finite());
     rec["output_finite"] = json!(finite);
@@ -761,6 +807,7 @@ fn bench_pipeline(bench: &mut Bench, o: &Opts, tokenizers: &std::path::Path) -> 
     };
     let pipe = Sd3Pipeline::from_parts(&configs, w, toks, b, &plan)?;
     let b = &pipe.backend;
+    b.set_cuda_graphs(false)?;
     b.synchronize()?;
     let load_s = t0.elapsed().as_secs_f64();
     let params = b.memory_stats()?.param_bytes;
@@ -829,6 +876,18 @@ fn bench_pipeline(bench: &mut Bench, o: &Opts, tokenizers: &std::path::Path) -> 
         }
     }
     let mem = b.memory_stats()?;
+    // The same images with the transformer step replayed from CUDA graphs.
+    let mut e2e_graphs = Vec::new();
+    if o.graphs {
+        b.set_cuda_graphs(true)?;
+        pipe.generate(req(), &mut |_, _| {})?;
+        for _ in 0..2 {
+            let t = Instant::now();
+            pipe.generate(req(), &mut |_, _| {})?;
+            e2e_graphs.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+        b.set_cuda_graphs(false)?;
+    }
     let r2 = |v: f64| (v * 100.0).round() / 100.0;
     bench.push(
         "pipeline",
@@ -844,6 +903,9 @@ fn bench_pipeline(bench: &mut Bench, o: &Opts, tokenizers: &std::path::Path) -> 
             "text_timing": "CUDA events, one prompt (batch 1) per call, median; an image with CFG encodes two prompts",
             "e2e_ms": e2e.iter().map(|&v| r2(v)).collect::<Vec<_>>(),
             "e2e_ms_median": r2(e2e.iter().cloned().fold(f64::INFINITY, f64::min)),
+            "e2e_cuda_graphs_ms": e2e_graphs.iter().map(|&v| r2(v)).collect::<Vec<_>>(),
+            "e2e_cuda_graphs_ms_best": (!e2e_graphs.is_empty())
+                .then(|| r2(e2e_graphs.iter().cloned().fold(f64::INFINITY, f64::min))),
             "e2e_steps": steps,
             "e2e_timing": "wall time of Sd3Pipeline::generate (1024x1024, 28 steps, CFG 5.0, PNG-ready RGB downloaded), best of 2 after one warm-up",
             "peak_gib": (gib(mem.peak_used) * 1000.0).round() / 1000.0,
@@ -870,6 +932,7 @@ fn main() -> R<()> {
         tune_gemms: false,
         fp8_gemm: Fp8Gemm::from_env()?,
         flash_variants: FlashVariant::ALL.to_vec(),
+        graphs: true,
     };
     let mut vae = true;
     let mut attn = true;
@@ -892,6 +955,7 @@ fn main() -> R<()> {
             "--no-attention" => attn = false,
             "--no-exact" => o.exact = false,
             "--no-pipeline" => pipeline = false,
+            "--no-graphs" => o.graphs = false,
             "--label" => o.label = Some(val()?),
             "--per-tensor" => o.per_tensor = true,
             "--adaln" => {

@@ -907,11 +907,141 @@ fn pipelines(rep: &mut Report, model: &PathBuf, fp8_ok: bool) -> R<()> {
             db8 >= 35.0,
             format!("PSNR {db8:.2} dB (bound 35; cuda {gpu8_s:.2}s)"),
         );
+        graph_pipeline(rep, &ckpt, &plan, &name)?;
         let vs_bf16 = psnr(&gpu8, &cpu_img);
         rep.line(format!(
             "info: {name}: cuda fp8 image vs cpu bf16 image: PSNR {vs_bf16:.2} dB"
         ));
     }
+    Ok(())
+}
+
+/// CUDA graphs of `Backend::replayable` on a small forward (an FP8 linear, SiLU, a BF16
+/// linear): replays must equal eager runs bit for bit, for new input values and a
+/// second shape; a forward that reads back to the host must fail to record and run
+/// eagerly instead, with the same results.
+fn graph_checks(rep: &mut Report, g: &CudaBackend, fp8: bool) -> R<()> {
+    let mut rng = Rng(23);
+    let w1 = rng.tensor(&[256, 128], 0.05);
+    let w2 = rng.tensor(&[128, 256], 0.05);
+    let q1 = if fp8 {
+        fp8_quant(&w1, Fp8Format::E4M3, 4.0 / 448.0)
+    } else {
+        LinearQuant::None
+    };
+    let spec = |name: &str, i, o, quant| LinearSpec {
+        name: name.into(),
+        in_features: i,
+        out_features: o,
+        quant,
+    };
+    let l1 = g.load_linear(
+        &spec("g1", 128, 256, q1),
+        &WeightTensor::from_host("w1", &w1),
+        None,
+    )?;
+    let l2 = g.load_linear(
+        &spec("g2", 256, 128, LinearQuant::None),
+        &WeightTensor::from_host("w2", &w2),
+        None,
+    )?;
+    let forward = |x: &[&sd_cuda::CudaTensor]| -> sd_model::Result<sd_cuda::CudaTensor> {
+        let h = g.linear(x[0], &l1)?;
+        let h = g.activation(&h, Activation::Silu)?;
+        let y = g.linear(&h, &l2)?;
+        g.add(&y, x[1])
+    };
+    let reading_back = |x: &[&sd_cuda::CudaTensor]| -> sd_model::Result<sd_cuda::CudaTensor> {
+        let y = forward(x)?;
+        let host = g.download(&y)?;
+        g.upload(&host)
+    };
+    let shapes: [&[usize]; 2] = [&[2, 64, 128], &[1, 48, 128]];
+    let calls: Vec<(HostTensor, HostTensor)> = [0, 0, 0, 1, 1, 1, 0]
+        .iter()
+        .map(|&s| {
+            let x = rng.tensor(shapes[s], 1.0);
+            let mut rshape = shapes[s].to_vec();
+            rshape[2] = 128;
+            (x, rng.tensor(&rshape, 1.0))
+        })
+        .collect();
+    let run = |f: &dyn Fn(&[&sd_cuda::CudaTensor]) -> sd_model::Result<sd_cuda::CudaTensor>,
+               name: &str|
+     -> R<Vec<HostTensor>> {
+        calls
+            .iter()
+            .map(|(x, r)| {
+                let (x, r) = (g.upload(x)?, g.upload(r)?);
+                Ok(g.download(&g.replayable(name, &[&x, &r], f)?)?)
+            })
+            .collect()
+    };
+    g.set_cuda_graphs(false)?;
+    let eager = run(&forward, "eager")?;
+    g.set_cuda_graphs(true)?;
+    let graphed = run(&forward, "graph check")?;
+    let stats = g.graph_stats()?;
+    let same = eager.iter().zip(&graphed).all(|(a, b)| a.data == b.data);
+    rep.check(
+        "cuda graphs: replays equal eager runs",
+        same && stats.ready == 2 && stats.captures == 2 && stats.replays == 5 && stats.failed == 0,
+        format!(
+            "{} calls over 2 shapes, outputs {}identical; {stats:?} (expected 2 ready, 2 captures, 5 replays)",
+            calls.len(),
+            if same { "" } else { "NOT " }
+        ),
+    );
+    let fallback = run(&reading_back, "reads back")?;
+    let after = g.graph_stats()?;
+    let same = eager.iter().zip(&fallback).all(|(a, b)| a.data == b.data);
+    rep.check(
+        "cuda graphs: a forward that reads back runs eagerly",
+        same && after.failed == 2 && after.replays == stats.replays,
+        format!(
+            "outputs {}identical to eager; {after:?} (expected 2 failed, no new replays)",
+            if same { "" } else { "NOT " }
+        ),
+    );
+    let mem = g.memory_stats()?;
+    rep.line(format!(
+        "info: cuda graphs: graph memory peak {} B, reserved {} B",
+        mem.graph_peak_used, mem.graph_reserved
+    ));
+    g.set_cuda_graphs(false)?;
+    Ok(())
+}
+
+/// A tiny-model generation with the transformer step replayed from CUDA graphs equals
+/// the eager generation bit for bit (same backend, same plan).
+fn graph_pipeline(rep: &mut Report, ckpt: &Checkpoint, plan: &PrecisionPlan, name: &str) -> R<()> {
+    let p = Sd3Pipeline::load(ckpt, CudaBackend::new(0, CudaPrecision::Fp8)?, plan)?;
+    let request = || GenerateRequest {
+        prompt: "a red circle on the left, a small blue square, green background".into(),
+        width: 256,
+        height: 256,
+        steps: 4,
+        guidance_scale: 5.0,
+        max_sequence_length: 64,
+        seed: 7,
+        ..Default::default()
+    };
+    p.backend.set_cuda_graphs(false)?;
+    let eager = p.generate(request(), &mut |_, _| {})?;
+    p.backend.set_cuda_graphs(true)?;
+    let first = p.generate(request(), &mut |_, _| {})?;
+    let second = p.generate(request(), &mut |_, _| {})?;
+    let stats = p.backend.graph_stats()?;
+    let same =
+        eager.latents.data == first.latents.data && eager.latents.data == second.latents.data;
+    rep.check(
+        &format!("pipeline {name} cuda fp8 with the step as a CUDA graph vs eager"),
+        same && stats.failed == 0 && stats.captures == 1 && stats.replays == 7,
+        format!(
+            "final latents {}identical over 2 generations of 4 steps; {stats:?} (expected 1 capture, 7 replays: step 1 eager, step 2 recorded and replayed, then replays)",
+            if same { "" } else { "NOT " }
+        ),
+    );
     Ok(())
 }
 
@@ -1052,6 +1182,7 @@ fn run(rep: &mut Report, model: &PathBuf, ops_only: bool) -> R<()> {
         bench(rep, &gl)?;
     }
     quantize_codes(rep, &gl)?;
+    graph_checks(rep, &gl, fp8_ok)?;
     if fp8_ok {
         // Native FP8 GEMMs whatever SD_CUDA_FP8_GEMM says (exact-via-bf16 layers take no
         // codes, and the check would hold vacuously).

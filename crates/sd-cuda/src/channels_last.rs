@@ -23,7 +23,7 @@ use crate::error::Result;
 use crate::{Arg, CudaPrecision, CudaTensor, DeviceBuf, Inner, Storage, bad};
 
 /// How a tensor's buffer holds the values of its logical shape.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub(crate) enum Layout {
     /// Row-major over the logical shape.
     RowMajor,

@@ -21,6 +21,7 @@ pub mod bundle;
 mod channels_last;
 mod conv;
 mod error;
+mod graphs;
 pub mod kernels;
 mod tuning;
 
@@ -41,6 +42,8 @@ use sd_model::{HostTensor, ModelError, WeightTensor};
 use channels_last::Layout;
 pub use conv::{ConvPath, ConvStats};
 pub use error::{CudaError, Result};
+pub use graphs::GraphStats;
+use graphs::graphs_from_env;
 pub use kernels::{
     CompiledKernels, KERNEL_SOURCES, compile_kernels, compile_kernels_with, find_cuda_include,
     kernel_build_id, nvrtc_version,
@@ -549,6 +552,14 @@ struct Inner {
     /// Where BF16 convolutions run, and so whether 4-D parameters (convolution filters)
     /// are uploaded channels-last (`SD_CUDA_CONV`, `CudaBackend::set_conv_path`).
     conv_path: std::cell::Cell<ConvPath>,
+    /// Replayable forwards run as CUDA graphs (`SD_CUDA_GRAPHS`,
+    /// `CudaBackend::set_cuda_graphs`; see `graphs.rs`).
+    graphs_on: std::cell::Cell<bool>,
+    graphs: std::cell::RefCell<graphs::Graphs>,
+    /// (graph launches, captures) so far.
+    graph_counts: std::cell::Cell<(u64, u64)>,
+    /// A stream capture is recording: first-use allocations and host copies refuse.
+    capturing: std::cell::Cell<bool>,
 }
 
 /// Sets one cuBLASLt matmul-descriptor attribute to `value`, passing the value's own
@@ -803,6 +814,11 @@ pub struct MemoryStats {
     pub device_total: u64,
     /// Parameter bytes uploaded by `load_linear` / `load_param`.
     pub param_bytes: u64,
+    /// CUDA graphs' own allocations (the activations of a replayed step, which do not
+    /// come from the pool): the high-water mark since the last reset, and what the
+    /// driver holds for them now.
+    pub graph_peak_used: u64,
+    pub graph_reserved: u64,
 }
 
 struct QuantCache {
@@ -1034,7 +1050,9 @@ impl Inner {
         // One stream: no cross-stream events needed.
         // SAFETY: every buffer is used on `stream` only.
         unsafe { ctx.disable_event_tracking() };
-        let stream = ctx.default_stream();
+        // A stream of our own, not the legacy default stream, which cannot be captured
+        // into a CUDA graph.
+        let stream = ctx.new_stream()?;
         let mut modules = Vec::new();
         for (name, ptx) in &kernels.modules {
             let m = ctx
@@ -1114,6 +1132,10 @@ impl Inner {
             param_bytes: std::cell::Cell::new(0),
             cudnn: std::cell::RefCell::new(conv::CudnnState::Unopened),
             conv_path: std::cell::Cell::new(ConvPath::from_env()?),
+            graphs_on: std::cell::Cell::new(graphs_from_env()?),
+            graphs: std::cell::RefCell::new(graphs::Graphs::default()),
+            graph_counts: std::cell::Cell::new((0, 0)),
+            capturing: std::cell::Cell::new(false),
         })
     }
 
@@ -1532,7 +1554,13 @@ impl Inner {
     /// The last dimension of `x` cut into `n` equal parts, each its own tensor, in one
     /// launch (more than [`SPLIT_MAX_PARTS`] parts: one copy each).
     fn chunks(&self, x: &CudaTensor, n: usize) -> Result<Vec<CudaTensor>> {
-        let c = *x.shape.last().unwrap_or(&0);
+        // A 0-dim tensor has no last dimension to cut (the trait default refuses it too).
+        let Some(&c) = x.shape.last() else {
+            return Err(bad(format!(
+                "chunks: cannot cut the last dimension of {:?} into {n} equal parts",
+                x.shape
+            )));
+        };
         if n == 0 || !c.is_multiple_of(n) {
             return Err(bad(format!(
                 "chunks: cannot cut the last dimension of {:?} into {n} equal parts",
@@ -1836,6 +1864,7 @@ impl Inner {
         if let Some(h) = layer.bias16.get() {
             return Ok(h);
         }
+        self.not_capturing("a BF16 copy of a bias")?;
         let n = b.len();
         let h = self.alloc::<u16>(n)?;
         self.launch(
@@ -1856,6 +1885,7 @@ impl Inner {
     fn act_scale_vec(&self, scale: f32, n: usize) -> Result<u64> {
         let key = (scale.to_bits(), n);
         if !self.act_scale_vecs.borrow().contains_key(&key) {
+            self.not_capturing("an activation-scale vector")?;
             let v = self.upload_f32(&vec![scale; n.max(1)])?;
             self.act_scale_vecs.borrow_mut().insert(key, v);
         }
@@ -1872,6 +1902,7 @@ impl Inner {
         if let Some(u) = layer.wscale_uniform.get() {
             return Ok(u.as_ref());
         }
+        self.not_capturing("a layer's uniform weight scale")?;
         let u = match &layer.kind {
             LinearKind::Fp8 { wscale, .. } => {
                 let v = self.stream.clone_dtoh(wscale)?;
@@ -2951,6 +2982,7 @@ fn me<T>(r: Result<T>) -> sd_model::Result<T> {
 
 impl Inner {
     fn upload(&self, t: &HostTensor) -> sd_model::Result<CudaTensor> {
+        me(self.not_capturing("a host upload"))?;
         let buf = if self.precision != CudaPrecision::F32 {
             // Round to nearest even BF16, as every operation's output is.
             let bits: Vec<u16> = t
@@ -2970,6 +3002,7 @@ impl Inner {
     }
 
     fn download(&self, t: &CudaTensor) -> sd_model::Result<HostTensor> {
+        me(self.not_capturing("a download to the host"))?;
         let t = self.rm(t)?;
         let mut data = match &t.buf.0 {
             Storage::F32(b) => me(self.stream.clone_dtoh(b).map_err(CudaError::from))?,
@@ -3819,6 +3852,10 @@ type Job = Box<dyn FnOnce(&Inner) + Send + 'static>;
 /// Tensors and layers are plain device buffers and may be dropped on any thread.
 pub struct CudaBackend {
     tx: Mutex<Option<mpsc::Sender<Job>>>,
+    /// The thread recording a CUDA graph, if any: other threads' operations wait until
+    /// it is done, so that none of them lands inside the graph.
+    capture_owner: Mutex<Option<std::thread::ThreadId>>,
+    capture_done: std::sync::Condvar,
     /// FP8 codes handed over by an engine bundle, by layer name, taken by
     /// `load_linear` instead of quantizing the weight it is given.
     prepacked: Mutex<HashMap<String, PackedFp8Weight>>,
@@ -3881,6 +3918,8 @@ impl CudaBackend {
             .map_err(|_| CudaError::Driver("the GPU thread died while starting".into()))??;
         Ok(Self {
             tx: Mutex::new(Some(tx)),
+            capture_owner: Mutex::new(None),
+            capture_done: std::sync::Condvar::new(),
             prepacked: Mutex::new(HashMap::new()),
             worker: Some(worker),
             ordinal,
@@ -3924,6 +3963,9 @@ impl CudaBackend {
         // everything the job borrows outlives it.
         let job: Job = unsafe { std::mem::transmute(job) };
         {
+            // Sent while holding the capture lock, so a capture that another thread
+            // starts comes after this job in the queue.
+            let _capture = self.wait_for_capture()?;
             let guard = self
                 .tx
                 .lock()
@@ -3936,6 +3978,58 @@ impl CudaBackend {
         }
         rrx.recv()
             .map_err(|_| CudaError::Driver("a GPU operation panicked".into()))
+    }
+
+    /// Waits until no other thread is recording a CUDA graph; returns the lock, held.
+    fn wait_for_capture(&self) -> Result<std::sync::MutexGuard<'_, Option<std::thread::ThreadId>>> {
+        let me = std::thread::current().id();
+        let poisoned = |_| CudaError::Driver("GPU capture lock poisoned".into());
+        let mut owner = self.capture_owner.lock().map_err(poisoned)?;
+        while owner.is_some_and(|t| t != me) {
+            owner = self.capture_done.wait(owner).map_err(poisoned)?;
+        }
+        Ok(owner)
+    }
+
+    /// Makes this thread the only one whose operations run until the guard drops.
+    fn claim_capture(&self) -> Result<CaptureGuard<'_>> {
+        let mut owner = self.wait_for_capture()?;
+        *owner = Some(std::thread::current().id());
+        Ok(CaptureGuard(self))
+    }
+
+    /// Records `forward` into a CUDA graph for `key` and replays it on `inputs`, or, if
+    /// the recording fails, logs why and runs it eagerly (as every later call will).
+    fn capture_and_replay(
+        &self,
+        key: graphs::GraphKey,
+        inputs: &[&CudaTensor],
+        forward: &sd_model::ReplayableForward<'_, CudaTensor>,
+    ) -> sd_model::Result<CudaTensor> {
+        let name = key.name().to_string();
+        let ended = {
+            let _only_us = me(self.claim_capture())?;
+            match self.call(|i| me(i.graph_begin(&key, inputs))) {
+                Err(e) => Err(e.to_string()),
+                Ok(statics) => {
+                    let refs: Vec<&CudaTensor> = statics.iter().collect();
+                    let out = forward(&refs);
+                    self.run(|i| i.graph_end(&key, out))
+                        .map_err(|e| e.to_string())
+                        .and_then(|r| r)
+                }
+            }
+        };
+        if let Err(reason) = ended {
+            tracing::warn!(forward = %name, %reason, "CUDA graph capture failed; this shape runs eagerly");
+            return forward(inputs);
+        }
+        match self.call(|i| me(i.graph_action(&name, inputs)))? {
+            graphs::GraphAction::Replayed(y) => Ok(y),
+            _ => Err(ModelError::backend(format!(
+                "{name}: the CUDA graph just recorded is missing"
+            ))),
+        }
     }
 
     fn call<R: Send>(
@@ -3965,7 +4059,23 @@ impl CudaBackend {
                 Ok(v)
             };
             let (free, total) = cudarc::driver::result::mem_get_info()?;
+            let graph = |a: cudarc::driver::sys::CUgraphMem_attribute| -> Result<u64> {
+                let mut v = 0u64;
+                // SAFETY: the attribute is a u64 of this context's device.
+                unsafe {
+                    cudarc::driver::sys::cuDeviceGetGraphMemAttribute(
+                        i.ctx.cu_device(),
+                        a,
+                        &mut v as *mut u64 as *mut c_void,
+                    )
+                    .result()?
+                };
+                Ok(v)
+            };
+            use cudarc::driver::sys::CUgraphMem_attribute as G;
             Ok(MemoryStats {
+                graph_peak_used: graph(G::CU_GRAPH_MEM_ATTR_USED_MEM_HIGH)?,
+                graph_reserved: graph(G::CU_GRAPH_MEM_ATTR_RESERVED_MEM_CURRENT)?,
                 peak_used: get(P::CU_MEMPOOL_ATTR_USED_MEM_HIGH)?,
                 used: get(P::CU_MEMPOOL_ATTR_USED_MEM_CURRENT)?,
                 peak_reserved: get(P::CU_MEMPOOL_ATTR_RESERVED_MEM_HIGH)?,
@@ -3997,8 +4107,43 @@ impl CudaBackend {
                     .result()?
                 };
             }
+            use cudarc::driver::sys::CUgraphMem_attribute as G;
+            for a in [
+                G::CU_GRAPH_MEM_ATTR_USED_MEM_HIGH,
+                G::CU_GRAPH_MEM_ATTR_RESERVED_MEM_HIGH,
+            ] {
+                let mut zero = 0u64;
+                // SAFETY: resetting a u64 high-water mark of this context's device.
+                unsafe {
+                    cudarc::driver::sys::cuDeviceSetGraphMemAttribute(
+                        i.ctx.cu_device(),
+                        a,
+                        &mut zero as *mut u64 as *mut c_void,
+                    )
+                    .result()?
+                };
+            }
             Ok(())
         })?
+    }
+
+    /// Runs replayable forwards (the MMDiT step) as CUDA graphs, one per input shapes:
+    /// recorded on the second call of a shape, replayed from the third (see
+    /// `graphs.rs`). Off drops every graph. Starts as `SD_CUDA_GRAPHS` says (off unless
+    /// `1` / `on`).
+    pub fn set_cuda_graphs(&self, on: bool) -> Result<()> {
+        self.run(|i| -> Result<()> {
+            i.graphs_on.set(on);
+            if !on {
+                i.clear_graphs()?;
+            }
+            Ok(())
+        })?
+    }
+
+    /// How many graphs exist, failed, were recorded and replayed.
+    pub fn graph_stats(&self) -> Result<GraphStats> {
+        self.run(|i| i.graph_stats())
     }
 
     /// Switches the fast attention paths on or off: the flash kernels (head dim 64, no
@@ -4136,6 +4281,18 @@ impl CudaBackend {
     }
 }
 
+/// Holds [`CudaBackend::claim_capture`]'s claim; releases it on drop, also on panic.
+struct CaptureGuard<'a>(&'a CudaBackend);
+
+impl Drop for CaptureGuard<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut owner) = self.0.capture_owner.lock() {
+            *owner = None;
+        }
+        self.0.capture_done.notify_all();
+    }
+}
+
 /// A point in the backend's stream, for GPU-side latency (CUDA events with timing):
 /// `b.record_event()` before and after some work, then `start.elapsed_ms(&end)`.
 pub struct GpuEvent(cudarc::driver::CudaEvent);
@@ -4202,6 +4359,24 @@ impl CudaBackend {
 impl Backend for CudaBackend {
     type Tensor = CudaTensor;
     type Linear = CudaLinear;
+
+    fn replayable(
+        &self,
+        name: &str,
+        inputs: &[&CudaTensor],
+        forward: &sd_model::ReplayableForward<'_, CudaTensor>,
+    ) -> sd_model::Result<CudaTensor> {
+        match self.call(|i| me(i.graph_action(name, inputs)))? {
+            graphs::GraphAction::Replayed(y) => Ok(y),
+            graphs::GraphAction::Eager(None) => forward(inputs),
+            graphs::GraphAction::Eager(Some(key)) => {
+                let y = forward(inputs)?;
+                me(self.run(|i| i.graph_seen(key, &y)))?;
+                Ok(y)
+            }
+            graphs::GraphAction::Capture(key) => self.capture_and_replay(key, inputs, forward),
+        }
+    }
 
     fn describe(&self) -> String {
         let p = match self.precision {

@@ -84,6 +84,7 @@ impl Inner {
         if !tune || candidates.len() == 1 {
             return Ok(first);
         }
+        self.not_capturing("timing cuBLASLt's algorithms")?;
         let start = self
             .ctx
             .new_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))?;

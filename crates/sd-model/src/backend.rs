@@ -118,6 +118,9 @@ fn host_ids<B: Backend + ?Sized>(b: &B, ids: &B::Tensor) -> Result<(Vec<u32>, us
 ///
 /// Shapes are given as `[dims]` in the docs of each method; all tensors are f32 in
 /// meaning (a backend may store BF16 or FP8 underneath).
+/// A forward `Backend::replayable` may record: input tensors in, one tensor out.
+pub type ReplayableForward<'a, T> = dyn Fn(&[&T]) -> Result<T> + 'a;
+
 pub trait Backend: Send + Sync {
     type Tensor: Clone + Send + Sync;
     /// A linear layer prepared for this backend (e.g. FP8 weights pre-transposed).
@@ -502,6 +505,23 @@ pub trait Backend: Send + Sync {
             )));
         }
         self.upload(&crate::t5::position_bias(table, max_distance, l[1]))
+    }
+
+    /// `forward(inputs)`, possibly replayed from a recording. A backend that can record a
+    /// sequence of device operations and replay it with new input values (sd-cuda: a
+    /// CUDA graph per `name` and input shapes) may do so here, so `forward` must depend
+    /// on nothing but the values of `inputs` and the model's parameters: no host data
+    /// that changes between calls, no reading results back to the host. Backends that
+    /// must see every operation (the calibration observer, the ONNX tracer) keep this
+    /// default, which runs `forward`.
+    fn replayable(
+        &self,
+        name: &str,
+        inputs: &[&Self::Tensor],
+        forward: &ReplayableForward<'_, Self::Tensor>,
+    ) -> Result<Self::Tensor> {
+        let _ = name;
+        forward(inputs)
     }
 
     /// Classifier-free guidance: `uncond + g * (cond - uncond)`.

@@ -19,7 +19,9 @@ pub mod tensor;
 pub mod vae;
 pub mod weights;
 
-pub use backend::{Activation, AttentionParams, Backend, Conv2dParams, LinearSpec, TokenPick};
+pub use backend::{
+    Activation, AttentionParams, Backend, Conv2dParams, LinearSpec, ReplayableForward, TokenPick,
+};
 pub use error::{ModelError, Result};
 pub use plan::{ActivationQuant, LinearQuant, PrecisionPlan, WeightQuant};
 pub use tensor::HostTensor;

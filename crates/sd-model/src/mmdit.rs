@@ -455,8 +455,22 @@ impl<B: Backend> Mmdit<B> {
                 timesteps.len()
             )));
         }
+        // The sinusoidal projection is host data, so it is an input of the replayable
+        // part (a CUDA graph replays everything after it).
         let tproj = b.upload(&timestep_embedding(timesteps, TIME_PROJ_DIM))?;
-        self.forward_embedded(b, latents, context, pooled, &tproj)
+        b.replayable(
+            "mmdit",
+            &[latents, context, pooled, &tproj],
+            &|x: &[&B::Tensor]| match x {
+                [latents, context, pooled, tproj] => {
+                    self.forward_embedded(b, latents, context, pooled, tproj)
+                }
+                _ => Err(ModelError::backend(format!(
+                    "mmdit: replayed with {} inputs, expected 4",
+                    x.len()
+                ))),
+            },
+        )
     }
 
     /// [`Mmdit::forward`] with the timesteps as a backend tensor `[B]`; the sinusoidal

@@ -1,0 +1,470 @@
+//! CUDA graphs of replayable forwards (`Backend::replayable`: the MMDiT step).
+//!
+//! Per name and input shapes, the first call runs eagerly: it makes everything a layer
+//! creates on first use (bias copies, uniform weight scales, activation-scale vectors,
+//! cuBLASLt algorithm choices) and tells the output's shape. The second call records the
+//! forward into a graph by stream capture, reading static copies of its inputs and
+//! copying its output into a static buffer, both allocated before the capture; every
+//! buffer the forward allocates is a graph allocation freed inside the graph, so the
+//! graph can be relaunched (graph allocations have fixed addresses, which the captured
+//! kernel arguments and tensor maps rely on). Every later call copies its inputs into
+//! the static ones, launches the graph and copies the output out (a few MB each way).
+//!
+//! A capture that fails (an operation that cannot be captured: a host synchronisation
+//! or upload inside the forward) ends the capture, marks the shape `Failed` and runs the
+//! forward eagerly from then on; the reason is logged once.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use cudarc::driver::CudaGraph;
+use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+
+use crate::channels_last::Layout;
+use crate::{CudaError, CudaTensor, DeviceBuf, Inner, Result, Storage};
+
+/// Graphs kept at once (the least recently replayed goes first): a server batching at
+/// step boundaries sees a few batch sizes per resolution.
+pub(crate) const MAX_GRAPHS: usize = 8;
+
+/// What a tensor must look like to be a graph's input or output.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub(crate) struct TensorSpec {
+    shape: Vec<usize>,
+    layout: Layout,
+    /// f32 storage (else BF16).
+    f32: bool,
+}
+
+impl TensorSpec {
+    fn of(t: &CudaTensor) -> Self {
+        Self {
+            shape: t.shape.clone(),
+            layout: t.layout,
+            f32: matches!(t.buf.0, Storage::F32(_)),
+        }
+    }
+
+    fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    fn bytes(&self) -> usize {
+        self.numel() * if self.f32 { 4 } else { 2 }
+    }
+}
+
+/// One graph per forward name and input specs.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub(crate) struct GraphKey {
+    name: String,
+    inputs: Vec<TensorSpec>,
+}
+
+impl GraphKey {
+    pub(crate) fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+enum Entry {
+    /// Ran eagerly once; its output looked like this.
+    Seen(TensorSpec),
+    Ready(Box<Captured>),
+    /// The capture failed; runs eagerly.
+    Failed,
+}
+
+struct Captured {
+    graph: CudaGraph,
+    /// The buffers the graph reads its inputs from and writes its output to.
+    inputs: Vec<CudaTensor>,
+    output: CudaTensor,
+    last_use: u64,
+}
+
+/// A capture in progress: its static buffers, until the graph exists.
+struct Pending {
+    key: GraphKey,
+    inputs: Vec<CudaTensor>,
+    output: CudaTensor,
+}
+
+/// The owner thread's graphs.
+#[derive(Default)]
+pub(crate) struct Graphs {
+    entries: HashMap<GraphKey, Entry>,
+    pending: Option<Pending>,
+    clock: u64,
+}
+
+/// What `CudaBackend::replayable` does with a call.
+pub(crate) enum GraphAction {
+    /// Run the forward; with a key, tell `graph_seen` its output afterwards.
+    Eager(Option<GraphKey>),
+    /// Record the forward (`graph_begin`, the forward, `graph_end`).
+    Capture(GraphKey),
+    /// Replayed already: the output.
+    Replayed(CudaTensor),
+}
+
+/// Counts for tests and benchmarks.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GraphStats {
+    /// Graphs held now.
+    pub ready: usize,
+    /// Shapes whose capture failed (they run eagerly).
+    pub failed: usize,
+    /// Graph launches so far.
+    pub replays: u64,
+    /// Captures so far (including failed ones).
+    pub captures: u64,
+}
+
+impl Inner {
+    /// Decides how to run a replayable forward on `inputs`, replaying it when a graph
+    /// exists.
+    pub(crate) fn graph_action(&self, name: &str, inputs: &[&CudaTensor]) -> Result<GraphAction> {
+        // Profiling times each operation by itself; a forward inside a recording is
+        // part of that recording.
+        if !self.graphs_on.get() || self.profile.borrow().is_some() || self.capturing.get() {
+            return Ok(GraphAction::Eager(None));
+        }
+        let key = GraphKey {
+            name: name.to_string(),
+            inputs: inputs.iter().map(|t| TensorSpec::of(t)).collect(),
+        };
+        let mut graphs = self.graphs.borrow_mut();
+        graphs.clock += 1;
+        let now = graphs.clock;
+        match graphs.entries.get_mut(&key) {
+            None => Ok(GraphAction::Eager(Some(key))),
+            Some(Entry::Seen(_)) => Ok(GraphAction::Capture(key)),
+            Some(Entry::Failed) => Ok(GraphAction::Eager(None)),
+            Some(Entry::Ready(c)) => {
+                c.last_use = now;
+                for (src, dst) in inputs.iter().zip(&c.inputs) {
+                    self.copy_tensor(src, dst)?;
+                }
+                c.graph
+                    .launch()
+                    .map_err(|e| CudaError::Driver(format!("launching the {name} graph: {e:?}")))?;
+                let out = self.empty_like(&TensorSpec::of(&c.output))?;
+                self.copy_tensor(&c.output, &out)?;
+                self.graph_counts.set({
+                    let (r, cap) = self.graph_counts.get();
+                    (r + 1, cap)
+                });
+                Ok(GraphAction::Replayed(out))
+            }
+        }
+    }
+
+    /// Remembers the output of a forward's first (eager) run.
+    pub(crate) fn graph_seen(&self, key: GraphKey, output: &CudaTensor) {
+        self.graphs
+            .borrow_mut()
+            .entries
+            .entry(key)
+            .or_insert_with(|| Entry::Seen(TensorSpec::of(output)));
+    }
+
+    /// Starts recording: static copies of `inputs` (returned: the forward must read
+    /// these), the static output buffer, then stream capture.
+    /// A failure marks the key `Failed`.
+    pub(crate) fn graph_begin(
+        &self,
+        key: &GraphKey,
+        inputs: &[&CudaTensor],
+    ) -> Result<Vec<CudaTensor>> {
+        let r = self.begin_capture(key, inputs);
+        if r.is_err() {
+            self.graphs
+                .borrow_mut()
+                .entries
+                .insert(key.clone(), Entry::Failed);
+        }
+        r
+    }
+
+    fn begin_capture(&self, key: &GraphKey, inputs: &[&CudaTensor]) -> Result<Vec<CudaTensor>> {
+        let out_spec = match self.graphs.borrow().entries.get(key) {
+            Some(Entry::Seen(spec)) => spec.clone(),
+            _ => {
+                return Err(CudaError::Driver(format!(
+                    "{}: no eager run to capture after",
+                    key.name
+                )));
+            }
+        };
+        let statics = inputs
+            .iter()
+            .map(|t| {
+                let s = self.empty_like(&TensorSpec::of(t))?;
+                self.copy_tensor(t, &s)?;
+                Ok(s)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let output = self.empty_like(&out_spec)?;
+        // The cached quantization holds a buffer allocated before the capture: freeing it
+        // inside the capture would record a free the graph does not own.
+        self.quant_cache.borrow_mut().take();
+        self.graphs.borrow_mut().pending = Some(Pending {
+            key: key.clone(),
+            inputs: statics.clone(),
+            output,
+        });
+        self.capturing.set(true);
+        self.ctx.bind_to_thread()?;
+        if let Err(e) = self
+            .stream
+            .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+        {
+            self.capturing.set(false);
+            self.graphs.borrow_mut().pending = None;
+            return Err(CudaError::Driver(format!(
+                "beginning stream capture: {e:?}"
+            )));
+        }
+        Ok(statics)
+    }
+
+    /// Ends recording with the forward's result: copies it into the static output,
+    /// frees it (inside the graph), instantiates the graph and keeps it. Any failure
+    /// marks the key `Failed` and comes back as the reason.
+    pub(crate) fn graph_end(
+        &self,
+        key: &GraphKey,
+        output: sd_model::Result<CudaTensor>,
+    ) -> std::result::Result<(), String> {
+        let pending = self.graphs.borrow_mut().pending.take();
+        let copied = match (&pending, output) {
+            (Some(p), Ok(out)) if p.key == *key => {
+                if TensorSpec::of(&out) != TensorSpec::of(&p.output) {
+                    Err(format!(
+                        "the output changed between runs: {:?} then {:?}",
+                        TensorSpec::of(&p.output),
+                        TensorSpec::of(&out)
+                    ))
+                } else {
+                    self.copy_tensor(&out, &p.output).map_err(|e| e.to_string())
+                }
+            }
+            (_, Err(e)) => Err(format!("the forward failed while recording: {e}")),
+            _ => Err("no capture in progress".into()),
+        };
+        // Buffers allocated during the capture must be freed inside it.
+        self.quant_cache.borrow_mut().take();
+        let _ = self.ctx.bind_to_thread();
+        let ended = self
+            .stream
+            .end_capture(CUgraphInstantiate_flags(0))
+            .map_err(|e| format!("ending stream capture: {e:?}"));
+        self.capturing.set(false);
+        self.graph_counts.set({
+            let (r, cap) = self.graph_counts.get();
+            (r, cap + 1)
+        });
+        let graph = match (copied, ended) {
+            (Ok(()), Ok(Some(g))) => g
+                .upload()
+                .map(|()| g)
+                .map_err(|e| format!("uploading the graph: {e:?}")),
+            (Ok(()), Ok(None)) => Err("the capture recorded nothing".into()),
+            (Err(e), _) | (Ok(()), Err(e)) => Err(e),
+        };
+        let mut graphs = self.graphs.borrow_mut();
+        match (graph, pending) {
+            (Ok(graph), Some(p)) => {
+                let now = graphs.clock;
+                graphs.entries.insert(
+                    key.clone(),
+                    Entry::Ready(Box::new(Captured {
+                        graph,
+                        inputs: p.inputs,
+                        output: p.output,
+                        last_use: now,
+                    })),
+                );
+                self.evict_graphs(&mut graphs);
+                drop(graphs);
+                // The eager runs' activations stay cached in the stream-ordered pool;
+                // the graph has its own, so give the pool's unused memory back.
+                self.trim_pool();
+                Ok(())
+            }
+            (graph, _) => {
+                graphs.entries.insert(key.clone(), Entry::Failed);
+                // Frees of a broken capture record their errors in the context; they
+                // belong to the capture, not to whatever runs next.
+                let _ = self.ctx.check_err();
+                Err(graph
+                    .err()
+                    .unwrap_or_else(|| "no capture in progress".into()))
+            }
+        }
+    }
+
+    /// Drops the least recently replayed graphs beyond [`MAX_GRAPHS`].
+    fn evict_graphs(&self, graphs: &mut Graphs) {
+        loop {
+            let ready: Vec<(&GraphKey, u64)> = graphs
+                .entries
+                .iter()
+                .filter_map(|(k, e)| match e {
+                    Entry::Ready(c) => Some((k, c.last_use)),
+                    _ => None,
+                })
+                .collect();
+            if ready.len() <= MAX_GRAPHS {
+                return;
+            }
+            let Some(oldest) = ready
+                .iter()
+                .min_by_key(|(_, t)| *t)
+                .map(|(k, _)| (*k).clone())
+            else {
+                return;
+            };
+            // A launch may still be running: let it finish before its graph goes.
+            let _ = self.stream.synchronize();
+            graphs.entries.remove(&oldest);
+        }
+    }
+
+    fn trim_pool(&self) {
+        // SAFETY: the pool belongs to this context's device; trimming only releases
+        // memory no allocation holds.
+        let _ = unsafe { cudarc::driver::sys::cuMemPoolTrimTo(self.pool, 0) };
+    }
+
+    pub(crate) fn graph_stats(&self) -> GraphStats {
+        let graphs = self.graphs.borrow();
+        let (replays, captures) = self.graph_counts.get();
+        GraphStats {
+            ready: graphs
+                .entries
+                .values()
+                .filter(|e| matches!(e, Entry::Ready(_)))
+                .count(),
+            failed: graphs
+                .entries
+                .values()
+                .filter(|e| matches!(e, Entry::Failed))
+                .count(),
+            replays,
+            captures,
+        }
+    }
+
+    /// Drops every graph and forgets every shape (after a synchronisation).
+    pub(crate) fn clear_graphs(&self) -> Result<()> {
+        self.stream.synchronize()?;
+        self.graphs.borrow_mut().entries.clear();
+        Ok(())
+    }
+
+    /// Fails when a stream capture is recording: `what` would be made on first use
+    /// inside the graph (an allocation kept after it, or a host copy it cannot hold).
+    pub(crate) fn not_capturing(&self, what: &str) -> Result<()> {
+        if self.capturing.get() {
+            return Err(CudaError::Driver(format!(
+                "{what} would be made while recording a CUDA graph (a first use the eager run did not cover)"
+            )));
+        }
+        Ok(())
+    }
+
+    /// An uninitialised tensor of `spec`.
+    fn empty_like(&self, spec: &TensorSpec) -> Result<CudaTensor> {
+        let n = spec.numel();
+        let buf = if spec.f32 {
+            Storage::F32(self.alloc::<f32>(n)?)
+        } else {
+            Storage::Bf16(self.alloc::<u16>(n)?)
+        };
+        Ok(CudaTensor {
+            shape: spec.shape.clone(),
+            buf: Arc::new(DeviceBuf(buf)),
+            layout: spec.layout,
+        })
+    }
+
+    /// Copies `src` into `dst` (the same spec), stream-ordered.
+    fn copy_tensor(&self, src: &CudaTensor, dst: &CudaTensor) -> Result<()> {
+        let spec = TensorSpec::of(src);
+        if spec != TensorSpec::of(dst) {
+            return Err(CudaError::Driver(format!(
+                "graph copy: {spec:?} into {:?}",
+                TensorSpec::of(dst)
+            )));
+        }
+        let bytes = spec.bytes();
+        if bytes == 0 {
+            return Ok(());
+        }
+        self.ctx.bind_to_thread()?;
+        // SAFETY: both buffers hold at least `bytes` (allocated for this spec's element
+        // count and type) and are live for the call; the copy is ordered on the stream.
+        unsafe {
+            cudarc::driver::result::memcpy_dtod_async(
+                self.sptr(&dst.buf.0),
+                self.sptr(&src.buf.0),
+                bytes,
+                self.stream.cu_stream(),
+            )?
+        };
+        Ok(())
+    }
+}
+
+/// Whether new backends run replayable forwards as CUDA graphs: `SD_CUDA_GRAPHS` = `1`
+/// or `on` (`0` / `off`, or unset: eager).
+pub(crate) fn graphs_from_env() -> Result<bool> {
+    match std::env::var("SD_CUDA_GRAPHS") {
+        Err(_) => Ok(false),
+        Ok(v) => parse_graphs_setting(&v),
+    }
+}
+
+fn parse_graphs_setting(v: &str) -> Result<bool> {
+    match v {
+        "1" | "on" => Ok(true),
+        "0" | "off" => Ok(false),
+        other => Err(crate::bad(format!(
+            "SD_CUDA_GRAPHS={other:?}: expected 1 / on (CUDA graphs) or 0 / off (eager)"
+        ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn graphs_setting_parses_and_names_bad_values() {
+        assert!(parse_graphs_setting("1").unwrap());
+        assert!(parse_graphs_setting("on").unwrap());
+        assert!(!parse_graphs_setting("0").unwrap());
+        assert!(!parse_graphs_setting("off").unwrap());
+        let e = parse_graphs_setting("yes").unwrap_err().to_string();
+        assert!(e.contains("SD_CUDA_GRAPHS") && e.contains("\"yes\""), "{e}");
+    }
+
+    #[test]
+    fn tensor_spec_sizes_follow_the_storage_type() {
+        let s = TensorSpec {
+            shape: vec![2, 16, 128, 128],
+            layout: Layout::RowMajor,
+            f32: false,
+        };
+        assert_eq!(s.numel(), 2 * 16 * 128 * 128);
+        assert_eq!(s.bytes(), 2 * s.numel());
+        let f = TensorSpec {
+            f32: true,
+            ..s.clone()
+        };
+        assert_eq!(f.bytes(), 4 * s.numel());
+        assert_ne!(f, s, "storage type is part of a graph's key");
+    }
+}
