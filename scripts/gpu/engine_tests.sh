@@ -3,7 +3,7 @@
 # accelerator, their images against the cpu engine / CPU pipeline (examples/engine_tests.rs),
 # then the command-line path: `sd-build compile --target cuda`, `inspect`, `generate
 # --engine`, and `sd-serve` serving the cuda bundle to `sd-client` (GPU memory metric,
-# batched vs alone).
+# batched vs alone), eagerly and with the step as a CUDA graph (same images).
 #
 #   scripts/gpu/engine_tests.sh            # here: calibrate the tiny models (target cuda),
 #                                          # build x86-64 release binaries, pack both into
@@ -76,6 +76,37 @@ EOF
         { echo "FAIL no GPU memory metric"; status=1; }
     kill -TERM $srv; wait $srv
     cp "$W/alone.png" "$OUT/served-alone.png" 2>/dev/null
+
+    echo "=== sd-serve with the cuda bundle, the step as a CUDA graph (SD_CUDA_GRAPHS=1)"
+    SD_CUDA_GRAPHS=1 $B/sd-serve --listen 127.0.0.1:50552 --model "shapes=$W/e" \
+        --max-batch-size 4 --max-queue-delay-ms 50 2>"$W/serve-graphs.err" &
+    srv=$!
+    for _ in $(seq 1 300); do
+        $B/sd-client --server 127.0.0.1:50552 health >/dev/null 2>&1 && break
+        kill -0 $srv 2>/dev/null || { echo "FAIL sd-serve (graphs) exited"; status=1; break; }
+        sleep 0.2
+    done
+    gen2() { $B/sd-client --server 127.0.0.1:50552 generate --prompt "$P" --guidance-scale 5 \
+        --steps 28 --seed "$1" -o "$2" >/dev/null; }
+    # The first image records the graph (step 2), the second replays it at every step.
+    gen2 1 "$W/graph-alone-1.png" || status=1
+    gen2 1 "$W/graph-alone-2.png" || status=1
+    for s in 1 2 3 4; do gen2 $s "$W/graph-batched-$s.png" & done
+    wait $(jobs -p | grep -v "^$srv$") 2>/dev/null
+    for f in graph-alone-1 graph-alone-2; do
+        if cmp -s "$W/alone.png" "$W/$f.png"; then
+            echo "PASS cuda graphs: $f identical to the eager server's image"
+        else
+            echo "FAIL cuda graphs: $f differs from the eager server's image"; status=1
+        fi
+    done
+    n=$(ls "$W"/graph-batched-*.png 2>/dev/null | wc -l)
+    [[ $n == 4 ]] && echo "PASS cuda graphs: 4 batched requests served" || \
+        { echo "FAIL cuda graphs: $n of 4 batched requests served"; status=1; }
+    if grep -q "capture failed" "$W/serve-graphs.err"; then
+        echo "FAIL cuda graphs: a capture failed:"; grep "capture failed" "$W/serve-graphs.err"; status=1
+    fi
+    kill -TERM $srv; wait $srv
     echo "=== exit $status"
     exit $status
 fi

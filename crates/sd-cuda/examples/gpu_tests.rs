@@ -1003,6 +1003,41 @@ fn graph_checks(rep: &mut Report, g: &CudaBackend, fp8: bool) -> R<()> {
             if same { "" } else { "NOT " }
         ),
     );
+    // A tensor from before the recording, dropped on another thread in the middle of it:
+    // its free must wait for the recording to end (inside it, the capture would break).
+    let victim = std::sync::Mutex::new(Some(g.upload(&rng.tensor(&[4096], 1.0))?));
+    let invocations = std::sync::atomic::AtomicUsize::new(0);
+    let dropping = |x: &[&sd_cuda::CudaTensor]| -> sd_model::Result<sd_cuda::CudaTensor> {
+        let y = forward(x)?;
+        // The second call is the recording.
+        if invocations.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 1 {
+            std::thread::scope(|s| {
+                s.spawn(|| {
+                    if let Ok(mut v) = victim.lock() {
+                        drop(v.take());
+                    }
+                });
+            });
+        }
+        Ok(y)
+    };
+    let before = g.graph_stats()?;
+    let mut same = true;
+    for (i, (x, r)) in calls.iter().take(3).enumerate() {
+        let (x, r) = (g.upload(x)?, g.upload(r)?);
+        let y = g.download(&g.replayable("drop check", &[&x, &r], &dropping)?)?;
+        same &= y.data == eager[i].data;
+    }
+    let after_drop = g.graph_stats()?;
+    let dropped = victim.lock().map(|v| v.is_none()).unwrap_or(false);
+    rep.check(
+        "cuda graphs: a tensor dropped on another thread while recording",
+        same && dropped && after_drop.failed == before.failed && after_drop.ready == before.ready + 1,
+        format!(
+            "outputs {}identical to eager; dropped: {dropped}; {before:?} -> {after_drop:?} (expected one more ready, no new failure)",
+            if same { "" } else { "NOT " }
+        ),
+    );
     let mem = g.memory_stats()?;
     rep.line(format!(
         "info: cuda graphs: graph memory peak {} B, reserved {} B",

@@ -66,7 +66,7 @@ impl Inner {
     pub(crate) fn wrap_channels_last(&self, shape: Vec<usize>, buf: Storage) -> CudaTensor {
         CudaTensor {
             shape,
-            buf: Arc::new(DeviceBuf(buf)),
+            buf: Arc::new(DeviceBuf::new(buf)),
             layout: Layout::ChannelsLast,
         }
     }

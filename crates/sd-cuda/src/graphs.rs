@@ -13,15 +13,103 @@
 //! A capture that fails (an operation that cannot be captured: a host synchronisation
 //! or upload inside the forward) ends the capture, marks the shape `Failed` and runs the
 //! forward eagerly from then on; the reason is logged once.
+//!
+//! Two threads take part in a recording: the caller's, which runs the forward and drops
+//! its intermediate tensors, and the backend's owner thread, which issues every
+//! operation. A tensor dropped on any other thread meanwhile (a buffer from before the
+//! recording, whose free the graph must not contain) is freed only after the recording
+//! ends (`free_or_defer`). Layers (`CudaLinear`) are not covered: they are dropped with
+//! their model, never while it runs. A forward must not call the backend from a helper
+//! thread of its own: that thread would wait for the recording to end.
+//!
+//! A graph replays the kernels it recorded, so settings that change them drop every
+//! graph (`set_flash_attention`, `set_conv_path`, `set_gemm_tuning`,
+//! `load_gemm_algorithms`, `with_fp8_gemm`); the process-wide `set_flash_variant` does
+//! not (it is for benchmarks and tests, set before a model runs).
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, RwLock};
+use std::thread::ThreadId;
 
 use cudarc::driver::CudaGraph;
 use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
 
 use crate::channels_last::Layout;
 use crate::{CudaError, CudaTensor, DeviceBuf, Inner, Result, Storage};
+
+/// A stream recording a graph (process-wide, for drops on any thread).
+struct Recording {
+    stream: usize,
+    /// The threads whose frees belong to the recording.
+    threads: [ThreadId; 2],
+    /// Frees from other threads, made after the recording ends.
+    deferred: Mutex<Vec<Storage>>,
+}
+
+static RECORDINGS: RwLock<Vec<Recording>> = RwLock::new(Vec::new());
+
+/// Frees a tensor's buffer, stream-ordered; or, when its stream is recording a graph
+/// and this thread is not part of the recording, keeps it for the recording to free
+/// when it ends. The free happens under the registry's read lock, which a recording's
+/// registration (made before its capture begins) waits for, so no free from another
+/// thread slips into a capture.
+pub(crate) fn free_or_defer(storage: Storage) {
+    let recordings = match RECORDINGS.read() {
+        Ok(r) => r,
+        Err(poisoned) => poisoned.into_inner(),
+    };
+    if !recordings.is_empty() {
+        let me = std::thread::current().id();
+        let stream = storage.stream_handle();
+        if let Some(r) = recordings
+            .iter()
+            .find(|r| r.stream == stream && !r.threads.contains(&me))
+        {
+            match r.deferred.lock() {
+                Ok(mut d) => d.push(storage),
+                Err(mut poisoned) => poisoned.get_mut().push(storage),
+            }
+            return;
+        }
+    }
+    storage.bind_context();
+    drop(storage);
+}
+
+fn register_recording(stream: usize, threads: [ThreadId; 2]) {
+    let mut r = match RECORDINGS.write() {
+        Ok(r) => r,
+        Err(poisoned) => poisoned.into_inner(),
+    };
+    r.push(Recording {
+        stream,
+        threads,
+        deferred: Mutex::new(Vec::new()),
+    });
+}
+
+/// Ends a stream's registration and frees what other threads dropped meanwhile (stream-
+/// ordered after the recording, outside it).
+fn unregister_recording(stream: usize) {
+    let deferred = {
+        let mut r = match RECORDINGS.write() {
+            Ok(r) => r,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        match r.iter().position(|x| x.stream == stream) {
+            Some(i) => r
+                .remove(i)
+                .deferred
+                .into_inner()
+                .unwrap_or_else(|p| p.into_inner()),
+            None => Vec::new(),
+        }
+    };
+    for storage in deferred {
+        storage.bind_context();
+        drop(storage);
+    }
+}
 
 /// Graphs kept at once (the least recently replayed goes first): a server batching at
 /// step boundaries sees a few batch sizes per resolution.
@@ -41,7 +129,7 @@ impl TensorSpec {
         Self {
             shape: t.shape.clone(),
             layout: t.layout,
-            f32: matches!(t.buf.0, Storage::F32(_)),
+            f32: matches!(**t.buf, Storage::F32(_)),
         }
     }
 
@@ -98,6 +186,15 @@ pub(crate) struct Graphs {
     clock: u64,
 }
 
+/// What `graph_begin` found.
+pub(crate) enum Begin {
+    /// Recording: the forward must read these static inputs.
+    Recording(Vec<CudaTensor>),
+    /// Another thread recorded this shape meanwhile, or graphs were switched off or
+    /// dropped: decide again.
+    Decided,
+}
+
 /// What `CudaBackend::replayable` does with a call.
 pub(crate) enum GraphAction {
     /// Run the forward; with a key, tell `graph_seen` its output afterwards.
@@ -146,9 +243,13 @@ impl Inner {
                 for (src, dst) in inputs.iter().zip(&c.inputs) {
                     self.copy_tensor(src, dst)?;
                 }
-                c.graph
-                    .launch()
-                    .map_err(|e| CudaError::Driver(format!("launching the {name} graph: {e:?}")))?;
+                if let Err(e) = c.graph.launch() {
+                    // Run eagerly from now on (if the GPU itself is broken, so is that).
+                    tracing::warn!(forward = %name, error = ?e, "CUDA graph launch failed; this shape runs eagerly");
+                    let _ = self.ctx.check_err();
+                    graphs.entries.insert(key, Entry::Failed);
+                    return Ok(GraphAction::Eager(None));
+                }
                 let out = self.empty_like(&TensorSpec::of(&c.output))?;
                 self.copy_tensor(&c.output, &out)?;
                 self.graph_counts.set({
@@ -169,34 +270,36 @@ impl Inner {
             .or_insert_with(|| Entry::Seen(TensorSpec::of(output)));
     }
 
-    /// Starts recording: static copies of `inputs` (returned: the forward must read
-    /// these), the static output buffer, then stream capture.
-    /// A failure marks the key `Failed`.
+    /// Starts recording for the caller thread `caller`: static copies of `inputs`
+    /// (returned: the forward must read these), the static output buffer, then stream
+    /// capture. A failure marks the key `Failed`.
     pub(crate) fn graph_begin(
         &self,
         key: &GraphKey,
         inputs: &[&CudaTensor],
-    ) -> Result<Vec<CudaTensor>> {
-        let r = self.begin_capture(key, inputs);
+        caller: ThreadId,
+    ) -> Result<Begin> {
+        let out_spec = match self.graphs.borrow().entries.get(key) {
+            Some(Entry::Seen(spec)) => spec.clone(),
+            _ => return Ok(Begin::Decided),
+        };
+        let r = self.begin_capture(key, inputs, out_spec, caller);
         if r.is_err() {
             self.graphs
                 .borrow_mut()
                 .entries
                 .insert(key.clone(), Entry::Failed);
         }
-        r
+        r.map(Begin::Recording)
     }
 
-    fn begin_capture(&self, key: &GraphKey, inputs: &[&CudaTensor]) -> Result<Vec<CudaTensor>> {
-        let out_spec = match self.graphs.borrow().entries.get(key) {
-            Some(Entry::Seen(spec)) => spec.clone(),
-            _ => {
-                return Err(CudaError::Driver(format!(
-                    "{}: no eager run to capture after",
-                    key.name
-                )));
-            }
-        };
+    fn begin_capture(
+        &self,
+        key: &GraphKey,
+        inputs: &[&CudaTensor],
+        out_spec: TensorSpec,
+        caller: ThreadId,
+    ) -> Result<Vec<CudaTensor>> {
         let statics = inputs
             .iter()
             .map(|t| {
@@ -209,24 +312,49 @@ impl Inner {
         // The cached quantization holds a buffer allocated before the capture: freeing it
         // inside the capture would record a free the graph does not own.
         self.quant_cache.borrow_mut().take();
+        // A stale error recorded by some earlier free would make cudarc's capture calls
+        // return before doing anything.
+        let _ = self.ctx.check_err();
+        self.ctx.bind_to_thread()?;
+        let stream = self.stream.cu_stream() as usize;
+        register_recording(stream, [std::thread::current().id(), caller]);
+        if let Err(e) = self
+            .stream
+            .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+        {
+            self.leave_capture_mode();
+            unregister_recording(stream);
+            return Err(CudaError::Driver(format!(
+                "beginning stream capture: {e:?}"
+            )));
+        }
+        self.capturing.set(true);
         self.graphs.borrow_mut().pending = Some(Pending {
             key: key.clone(),
             inputs: statics.clone(),
             output,
         });
-        self.capturing.set(true);
-        self.ctx.bind_to_thread()?;
-        if let Err(e) = self
-            .stream
-            .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
-        {
-            self.capturing.set(false);
-            self.graphs.borrow_mut().pending = None;
-            return Err(CudaError::Driver(format!(
-                "beginning stream capture: {e:?}"
-            )));
-        }
         Ok(statics)
+    }
+
+    /// Makes sure the stream is not capturing any more (after an error on the way out of
+    /// a capture), discarding whatever was recorded.
+    fn leave_capture_mode(&self) {
+        let stream = self.stream.cu_stream();
+        // SAFETY: the stream is this backend's, alive; a graph ended here is destroyed
+        // at once and never instantiated.
+        unsafe {
+            let capturing = cudarc::driver::result::stream::is_capturing(stream).is_ok_and(|s| {
+                s != cudarc::driver::sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE
+            });
+            if capturing
+                && let Ok(g) = cudarc::driver::result::stream::end_capture(stream)
+                && !g.is_null()
+            {
+                let _ = cudarc::driver::result::graph::destroy(g);
+            }
+        }
+        let _ = self.ctx.check_err();
     }
 
     /// Ends recording with the forward's result: copies it into the static output,
@@ -255,12 +383,18 @@ impl Inner {
         };
         // Buffers allocated during the capture must be freed inside it.
         self.quant_cache.borrow_mut().take();
-        let _ = self.ctx.bind_to_thread();
+        // cudarc's end_capture returns early on a stored error: clear it first, and make
+        // sure the capture is over whatever happened.
+        let _ = self.ctx.check_err();
         let ended = self
             .stream
             .end_capture(CUgraphInstantiate_flags(0))
             .map_err(|e| format!("ending stream capture: {e:?}"));
+        if ended.is_err() {
+            self.leave_capture_mode();
+        }
         self.capturing.set(false);
+        unregister_recording(self.stream.cu_stream() as usize);
         self.graph_counts.set({
             let (r, cap) = self.graph_counts.get();
             (r, cap + 1)
@@ -357,10 +491,19 @@ impl Inner {
         }
     }
 
-    /// Drops every graph and forgets every shape (after a synchronisation).
+    /// Drops every graph, forgets every shape and zeroes the counts (after a
+    /// synchronisation). Settings that change what a forward runs call it, so no graph
+    /// replays an old path.
     pub(crate) fn clear_graphs(&self) -> Result<()> {
+        self.not_capturing("a change of settings")?;
+        self.graph_counts.set((0, 0));
+        let mut graphs = self.graphs.borrow_mut();
+        if graphs.entries.is_empty() {
+            return Ok(());
+        }
+        // A launch may still be running: let it finish before its graph goes.
         self.stream.synchronize()?;
-        self.graphs.borrow_mut().entries.clear();
+        graphs.entries.clear();
         Ok(())
     }
 
@@ -385,7 +528,7 @@ impl Inner {
         };
         Ok(CudaTensor {
             shape: spec.shape.clone(),
-            buf: Arc::new(DeviceBuf(buf)),
+            buf: Arc::new(DeviceBuf::new(buf)),
             layout: spec.layout,
         })
     }
@@ -408,8 +551,8 @@ impl Inner {
         // count and type) and are live for the call; the copy is ordered on the stream.
         unsafe {
             cudarc::driver::result::memcpy_dtod_async(
-                self.sptr(&dst.buf.0),
-                self.sptr(&src.buf.0),
+                self.sptr(&dst.buf),
+                self.sptr(&src.buf),
                 bytes,
                 self.stream.cu_stream(),
             )?

@@ -70,15 +70,46 @@ enum Storage {
 }
 
 /// A device buffer that may be dropped on any thread: the context is made current on
-/// the dropping thread first (the free is stream-ordered on the owner's stream).
-struct DeviceBuf(Storage);
+/// the dropping thread first (the free is stream-ordered on the owner's stream). While
+/// its stream records a CUDA graph, a drop on a thread that is not part of the recording
+/// is deferred until the recording ends, so that its free does not land in the graph.
+struct DeviceBuf(std::mem::ManuallyDrop<Storage>);
 
-impl Drop for DeviceBuf {
-    fn drop(&mut self) {
-        let _ = match &self.0 {
+impl DeviceBuf {
+    fn new(storage: Storage) -> Self {
+        Self(std::mem::ManuallyDrop::new(storage))
+    }
+}
+
+impl std::ops::Deref for DeviceBuf {
+    type Target = Storage;
+    fn deref(&self) -> &Storage {
+        &self.0
+    }
+}
+
+impl Storage {
+    fn bind_context(&self) {
+        let _ = match self {
             Storage::F32(s) => s.context().bind_to_thread(),
             Storage::Bf16(s) => s.context().bind_to_thread(),
         };
+    }
+
+    /// The stream the buffer was allocated on (its free is ordered there).
+    fn stream_handle(&self) -> usize {
+        match self {
+            Storage::F32(s) => s.stream().cu_stream() as usize,
+            Storage::Bf16(s) => s.stream().cu_stream() as usize,
+        }
+    }
+}
+
+impl Drop for DeviceBuf {
+    fn drop(&mut self) {
+        // SAFETY: the storage is taken exactly once, here, and never touched again.
+        let storage = unsafe { std::mem::ManuallyDrop::take(&mut self.0) };
+        graphs::free_or_defer(storage);
     }
 }
 
@@ -1149,7 +1180,7 @@ impl Inner {
     }
 
     fn tp(&self, t: &CudaTensor) -> u64 {
-        self.sptr(&t.buf.0)
+        self.sptr(&t.buf)
     }
 
     fn sptr(&self, s: &Storage) -> u64 {
@@ -1194,7 +1225,7 @@ impl Inner {
     fn wrap(&self, shape: Vec<usize>, buf: Storage) -> CudaTensor {
         CudaTensor {
             shape,
-            buf: Arc::new(DeviceBuf(buf)),
+            buf: Arc::new(DeviceBuf::new(buf)),
             layout: Layout::RowMajor,
         }
     }
@@ -1606,6 +1637,7 @@ impl Inner {
 
     /// Quantizes `x` to FP8 codes with a host scale (for tests and the emulated path).
     pub fn quantize_fp8(&self, x: &CudaTensor, format: Fp8Format, scale: f32) -> Result<Vec<u8>> {
+        self.not_capturing("a download to the host")?;
         let x = self.row_major(x)?;
         let x = x.as_ref();
         let n = x.numel();
@@ -2958,6 +2990,7 @@ impl Inner {
         let rows = idx.len();
         let out = self.talloc(rows * c)?;
         if rows * c > 0 {
+            self.not_capturing("a host upload of row indices")?;
             let ids = self.stream.clone_htod(idx)?;
             self.launch(
                 "gather_rows_f32",
@@ -3004,7 +3037,7 @@ impl Inner {
     fn download(&self, t: &CudaTensor) -> sd_model::Result<HostTensor> {
         me(self.not_capturing("a download to the host"))?;
         let t = self.rm(t)?;
-        let mut data = match &t.buf.0 {
+        let mut data = match &**t.buf {
             Storage::F32(b) => me(self.stream.clone_dtoh(b).map_err(CudaError::from))?,
             Storage::Bf16(b) => me(self.stream.clone_dtoh(b).map_err(CudaError::from))?
                 .into_iter()
@@ -4007,13 +4040,26 @@ impl CudaBackend {
         forward: &sd_model::ReplayableForward<'_, CudaTensor>,
     ) -> sd_model::Result<CudaTensor> {
         let name = key.name().to_string();
-        let ended = {
+        let caller = std::thread::current().id();
+        let ended: std::result::Result<(), String> = {
             let _only_us = me(self.claim_capture())?;
-            match self.call(|i| me(i.graph_begin(&key, inputs))) {
+            match self.call(|i| me(i.graph_begin(&key, inputs, caller))) {
                 Err(e) => Err(e.to_string()),
-                Ok(statics) => {
+                Ok(graphs::Begin::Decided) => Ok(()),
+                Ok(graphs::Begin::Recording(statics)) => {
                     let refs: Vec<&CudaTensor> = statics.iter().collect();
-                    let out = forward(&refs);
+                    // A panic must still end the recording, or the stream would stay in
+                    // capture mode for good.
+                    let out =
+                        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| forward(&refs)));
+                    let out = match out {
+                        Ok(out) => out,
+                        Err(panic) => {
+                            let failed = Err(ModelError::backend("the forward panicked"));
+                            let _ = self.run(|i| i.graph_end(&key, failed));
+                            std::panic::resume_unwind(panic);
+                        }
+                    };
                     self.run(|i| i.graph_end(&key, out))
                         .map_err(|e| e.to_string())
                         .and_then(|r| r)
@@ -4026,9 +4072,8 @@ impl CudaBackend {
         }
         match self.call(|i| me(i.graph_action(&name, inputs)))? {
             graphs::GraphAction::Replayed(y) => Ok(y),
-            _ => Err(ModelError::backend(format!(
-                "{name}: the CUDA graph just recorded is missing"
-            ))),
+            // Switched off, dropped or failed meanwhile (another thread): run it.
+            _ => forward(inputs),
         }
     }
 
@@ -4090,6 +4135,7 @@ impl CudaBackend {
     pub fn reset_peak_memory(&self) -> Result<()> {
         self.run(|i| -> Result<()> {
             use cudarc::driver::sys::CUmemPool_attribute as P;
+            i.not_capturing("a stream synchronisation")?;
             i.ctx.bind_to_thread()?;
             i.stream.synchronize()?;
             for a in [
@@ -4150,7 +4196,10 @@ impl CudaBackend {
     /// mask or bias) and the batched-GEMM attention for biases (T5). Off: the exact
     /// reference kernel everywhere but for head dims over 64 (the VAE keeps its GEMMs).
     pub fn set_flash_attention(&self, on: bool) -> Result<()> {
-        self.run(|i| i.flash.set(on))
+        self.run(|i| {
+            i.flash.set(on);
+            i.clear_graphs()
+        })?
     }
 
     /// Turns per-operation timing on (the stream is synchronised around every
@@ -4227,7 +4276,10 @@ impl CudaBackend {
     /// the layout the path reads; those loaded before still work on any path (converted
     /// at each call), so a fair comparison loads its model after choosing the path.
     pub fn set_conv_path(&self, path: ConvPath) -> Result<()> {
-        self.run(|i| i.conv_path.set(path))
+        self.run(|i| {
+            i.conv_path.set(path);
+            i.clear_graphs()
+        })?
     }
 
     /// Hands over FP8 weights exactly as an engine bundle stores them (layer name ->
@@ -4255,7 +4307,10 @@ impl CudaBackend {
 
     /// Chooses how FP8 layers loaded from now on run (see [`Fp8Gemm`]).
     pub fn with_fp8_gemm(self, mode: Fp8Gemm) -> Self {
-        let _ = self.run(|i| i.fp8_gemm.set(mode));
+        let _ = self.run(|i| {
+            i.fp8_gemm.set(mode);
+            i.clear_graphs()
+        });
         self
     }
 
@@ -4273,7 +4328,10 @@ impl CudaBackend {
     }
     /// Waits for all queued work.
     pub fn synchronize(&self) -> Result<()> {
-        self.run(|i| i.stream.synchronize().map_err(CudaError::from))?
+        self.run(|i| -> Result<()> {
+            i.not_capturing("a stream synchronisation")?;
+            Ok(i.stream.synchronize()?)
+        })?
     }
     /// Quantizes `x` to FP8 codes with a host scale, on the GPU (for tests).
     pub fn quantize_fp8(&self, x: &CudaTensor, format: Fp8Format, scale: f32) -> Result<Vec<u8>> {
@@ -4308,6 +4366,7 @@ impl CudaBackend {
     /// Records a timing event on the backend's stream after all work queued so far.
     pub fn record_event(&self) -> Result<GpuEvent> {
         self.run(|i| -> Result<GpuEvent> {
+            i.not_capturing("a timing event")?;
             let flags = cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT;
             Ok(GpuEvent(i.stream.record_event(Some(flags))?))
         })?

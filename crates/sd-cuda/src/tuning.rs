@@ -120,7 +120,10 @@ impl CudaBackend {
     /// `sd-build compile`: a step run with tuning on records the algorithms a bundle
     /// stores.
     pub fn set_gemm_tuning(&self, on: bool) -> Result<()> {
-        self.run(|i| i.tune_gemms.set(on))
+        self.run(|i| {
+            i.tune_gemms.set(on);
+            i.clear_graphs()
+        })?
     }
 
     /// Every GEMM problem's chosen algorithm so far (see [`GemmAlgorithms`]).
@@ -139,6 +142,8 @@ impl CudaBackend {
     /// heuristic. Returns how many were taken.
     pub fn load_gemm_algorithms(&self, algorithms: &GemmAlgorithms) -> Result<usize> {
         self.run(|i| {
+            // Graphs recorded so far would keep the algorithms they were recorded with.
+            i.clear_graphs()?;
             let mut cache = i.algo_cache.borrow_mut();
             let mut n = 0;
             for (k, data) in algorithms {
@@ -147,8 +152,8 @@ impl CudaBackend {
                     n += 1;
                 }
             }
-            n
-        })
+            Ok(n)
+        })?
     }
 
     /// cuBLASLt's version number (e.g. 130100 for 13.1.0), which a stored algorithm

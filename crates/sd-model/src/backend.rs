@@ -513,7 +513,9 @@ pub trait Backend: Send + Sync {
     /// on nothing but the values of `inputs` and the model's parameters: no host data
     /// that changes between calls, no reading results back to the host. Backends that
     /// must see every operation (the calibration observer, the ONNX tracer) keep this
-    /// default, which runs `forward`.
+    /// default, which runs `forward`. `name` must identify the model (its parameters)
+    /// as well as the computation; `forward` must not call the backend from threads of
+    /// its own.
     fn replayable(
         &self,
         name: &str,

@@ -13,6 +13,10 @@ use crate::weights::WeightSource;
 const NORM_EPS: f32 = 1e-6;
 const TIME_PROJ_DIM: usize = 256;
 
+/// Numbers every loaded transformer, so that a backend's recordings of one model's
+/// forward are never replayed for another (two models can share input shapes).
+static NEXT_MODEL_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 /// One attention's projections; the context (`add_*`) half exists in joint attention.
 struct Projections<B: Backend> {
     q: B::Linear,
@@ -310,6 +314,8 @@ pub struct Mmdit<B: Backend> {
     blocks: Vec<JointBlock<B>>,
     norm_out: B::Linear,
     proj_out: B::Linear,
+    /// This model's name for `Backend::replayable` (unique in the process).
+    replay_name: String,
 }
 
 impl<B: Backend> Mmdit<B> {
@@ -416,6 +422,10 @@ impl<B: Backend> Mmdit<B> {
             norm_out: l.linear("norm_out.linear", d, 2 * d, true)?,
             proj_out: l.linear("proj_out", d, p * p * config.out_channels, true)?,
             config,
+            replay_name: format!(
+                "mmdit#{}",
+                NEXT_MODEL_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            ),
         })
     }
 
@@ -459,7 +469,7 @@ impl<B: Backend> Mmdit<B> {
         // part (a CUDA graph replays everything after it).
         let tproj = b.upload(&timestep_embedding(timesteps, TIME_PROJ_DIM))?;
         b.replayable(
-            "mmdit",
+            &self.replay_name,
             &[latents, context, pooled, &tproj],
             &|x: &[&B::Tensor]| match x {
                 [latents, context, pooled, tproj] => {
