@@ -138,9 +138,12 @@ fn suite<B: Backend>(b: &B, fp8: bool) -> R<Vec<(String, HostTensor)>> {
 
     // Weight-only FP8 (W8A16, adaLN's default): per-channel E4M3 weights, BF16 input.
     // 2 and 5 rows run the GEMV (5: a partial group of 4 rows), 40 the dequantize + BF16
-    // GEMM path; 1000 outputs leave a partial block of warps.
-    if fp8 {
-        let (inp, outf) = (256usize, 1000usize);
+    // GEMM path; 1000 outputs leave a partial block of warps; 2,576 inputs take the GEMV
+    // through more than one round of 4 preloaded warp steps, the last one partial.
+    for (inp, outf) in [(256usize, 1000usize), (2576, 72)] {
+        if !fp8 {
+            break;
+        }
         let w = rng.tensor(&[outf, inp], 0.05);
         let scales: Vec<f32> = w
             .data
