@@ -270,6 +270,13 @@ fn suite<B: Backend>(b: &B, fp8: bool) -> R<Vec<(String, HostTensor)>> {
         b.download(&b.concat(&[&xt, &y, &xt], 2)?)?,
     ));
     out.push(("narrow".into(), b.download(&b.narrow(&xt, 1, 5, 33)?)?));
+    // MMDiT's positional window: odd margins on both axes (centre rounded down).
+    let table = up(&rng.tensor(&[13, 13, 24], 1.0))?;
+    let like = up(&rng.tensor(&[1, 2, 8, 14], 1.0))?;
+    out.push((
+        "cropped_pos_embed 13x13 table, 4x7 patches".into(),
+        b.download(&b.cropped_pos_embed(&table, &like, 2)?)?,
+    ));
     // adaLN's modulation cut (one launch on the GPU; more than 16 parts: one copy each).
     for n in [5, 20] {
         for (i, part) in b.chunks(&xt, n)?.iter().enumerate() {
