@@ -43,15 +43,21 @@ if [[ "${1:-}" == "--device" ]]; then
     $B/sd-build generate --engine "$W/e" --model $M --prompt "$P" --guidance 5 --seed 1 \
         --out "$OUT/cuda-fp8-engine.png" || status=1
 
+    # Waits until the server on port $1 (process $2) answers health, or has exited.
+    wait_healthy() {
+        for _ in $(seq 1 300); do
+            $B/sd-client --server 127.0.0.1:$1 health >/dev/null 2>&1 && return 0
+            kill -0 $2 2>/dev/null || { echo "FAIL sd-serve on port $1 exited"; return 1; }
+            sleep 0.2
+        done
+        echo "FAIL sd-serve on port $1 not healthy after 60 s"; return 1
+    }
+
     echo "=== sd-serve with the cuda bundle"
     $B/sd-serve --listen 127.0.0.1:50551 --metrics-listen 127.0.0.1:9551 --model "shapes=$W/e" \
         --max-batch-size 4 --max-queue-delay-ms 50 &
     srv=$!
-    for _ in $(seq 1 300); do
-        $B/sd-client --server 127.0.0.1:50551 health >/dev/null 2>&1 && break
-        kill -0 $srv 2>/dev/null || { echo "FAIL sd-serve exited"; status=1; break; }
-        sleep 0.2
-    done
+    wait_healthy 50551 $srv || status=1
     $B/sd-client --server 127.0.0.1:50551 models
     gen() { $B/sd-client --server 127.0.0.1:50551 generate --prompt "$P" --guidance-scale 5 \
         --steps 28 --seed "$1" -o "$2" >/dev/null; }
@@ -81,11 +87,7 @@ EOF
     SD_CUDA_GRAPHS=1 $B/sd-serve --listen 127.0.0.1:50552 --model "shapes=$W/e" \
         --max-batch-size 4 --max-queue-delay-ms 50 2>"$W/serve-graphs.err" &
     srv=$!
-    for _ in $(seq 1 300); do
-        $B/sd-client --server 127.0.0.1:50552 health >/dev/null 2>&1 && break
-        kill -0 $srv 2>/dev/null || { echo "FAIL sd-serve (graphs) exited"; status=1; break; }
-        sleep 0.2
-    done
+    wait_healthy 50552 $srv || status=1
     gen2() { $B/sd-client --server 127.0.0.1:50552 generate --prompt "$P" --guidance-scale 5 \
         --steps 28 --seed "$1" -o "$2" >/dev/null; }
     # The first image records the graph (step 2), the second replays it at every step.
