@@ -192,42 +192,69 @@ impl<B: Backend> JointBlock<B> {
         })
     }
 
-    /// Returns the new (image, context) streams; the context is `None` after the last block.
-    fn forward(
-        &self,
-        b: &B,
-        x: &B::Tensor,
-        ctx: &B::Tensor,
-        silu_temb: &B::Tensor,
-        heads: usize,
-    ) -> Result<(B::Tensor, Option<B::Tensor>)> {
-        let dim = b.dims(x)[2];
-        // adaLN's modulation vectors, every one cut out in one call.
-        let modulation = |lin: &B::Linear| -> Result<Vec<B::Tensor>> {
+    /// adaLN's modulation vectors of this block, each cut out in one call: the image
+    /// stream's 6 (9 with dual attention) and the context's 6 (2 in the last block).
+    fn modulation(&self, b: &B, silu_temb: &B::Tensor, dim: usize) -> Result<Modulation<B>> {
+        let cut = |lin: &B::Linear| -> Result<Vec<B::Tensor>> {
             let m = b.linear(silu_temb, lin)?;
             let parts = b.dims(&m)[1] / dim.max(1);
             b.chunks(&m, parts)
         };
-        let x_in = x;
+        Ok(Modulation {
+            image: cut(&self.norm1)?,
+            context: cut(&self.norm1_context)?,
+        })
+    }
 
-        // Image stream modulation, then its projections. Each normalized input goes
-        // straight to its Q/K/V projections (`layer_norm_modulate_for`: a backend may
-        // write their FP8 input codes in the norm's pass and keep the last such codes).
-        let m = modulation(&self.norm1)?;
-        let x_mod =
-            b.layer_norm_modulate_for(x, chunk(&m, 0)?, chunk(&m, 1)?, NORM_EPS, &self.image.q)?;
-        let (gate_msa, shift_mlp, scale_mlp, gate_mlp) =
-            (chunk(&m, 2)?, chunk(&m, 3)?, chunk(&m, 4)?, chunk(&m, 5)?);
-        let (qi, ki, vi) = self.image.project(b, &x_mod, heads)?;
-
-        // Context stream modulation and projections.
-        let mc = modulation(&self.norm1_context)?;
-        let (c_shift, c_scale) = if self.to_add_out.is_none() {
+    /// The (shift, scale) of the context's pre-attention norm.
+    fn context_shift_scale<'m>(
+        &self,
+        mc: &'m [B::Tensor],
+    ) -> Result<(&'m B::Tensor, &'m B::Tensor)> {
+        if self.to_add_out.is_none() {
             // AdaLayerNormContinuous: (scale, shift), in that order.
-            (chunk(&mc, 1)?, chunk(&mc, 0)?)
+            Ok((chunk(mc, 1)?, chunk(mc, 0)?))
         } else {
-            (chunk(&mc, 0)?, chunk(&mc, 1)?)
-        };
+            Ok((chunk(mc, 0)?, chunk(mc, 1)?))
+        }
+    }
+
+    /// The image stream's pre-attention norm (`layer_norm_modulate_for`: a backend may
+    /// write the Q/K/V projections' FP8 input codes in the norm's pass). Only the first
+    /// block runs it on its own: every later block's comes fused with the previous
+    /// block's MLP residual add ([`Mmdit::forward`]).
+    fn image_norm(&self, b: &B, x: &B::Tensor, m: &Modulation<B>) -> Result<B::Tensor> {
+        b.layer_norm_modulate_for(
+            x,
+            chunk(&m.image, 0)?,
+            chunk(&m.image, 1)?,
+            NORM_EPS,
+            &self.image.q,
+        )
+    }
+
+    /// The block from the image stream `x`, its normalized form `x_mod` (modulated by
+    /// `m`) and the context `ctx`, to the image stream's MLP output: its gated residual
+    /// add, `gated_add(x, m.image[5], x_mlp)` with the [`BlockOut`] fields, is left to
+    /// the caller, which does it together with the next norm. The context's is done
+    /// here (the context is a short stream).
+    fn forward(
+        &self,
+        b: &B,
+        x: &B::Tensor,
+        x_mod: &B::Tensor,
+        ctx: &B::Tensor,
+        m: &Modulation<B>,
+        heads: usize,
+    ) -> Result<BlockOut<B>> {
+        let dim = b.dims(x)[2];
+        let m_img = &m.image;
+        let (gate_msa, shift_mlp, scale_mlp) =
+            (chunk(m_img, 2)?, chunk(m_img, 3)?, chunk(m_img, 4)?);
+        // Each stream's norm right before its projections: a backend keeps the norm's
+        // FP8 codes as the input quantization of the next linear layers.
+        let (qi, ki, vi) = self.image.project(b, x_mod, heads)?;
+        let (c_shift, c_scale) = self.context_shift_scale(&m.context)?;
         let c_mod = b.layer_norm_modulate_for(ctx, c_shift, c_scale, NORM_EPS, &self.context.q)?;
         let (qc, kc, vc) = self.context.project(b, &c_mod, heads)?;
 
@@ -244,15 +271,20 @@ impl<B: Backend> JointBlock<B> {
 
         // The last residual add of the attention part goes with the MLP's norm.
         let (x, h) = if let Some((proj2, out2)) = &self.attn2 {
-            let x = b.gated_add(x, gate_msa, &o_img)?;
+            let x_att = b.gated_add(x, gate_msa, &o_img)?;
             // The same norm of the block input as x_mod (MMDiT-X's second attention).
-            let x_mod2 =
-                b.layer_norm_modulate_for(x_in, chunk(&m, 6)?, chunk(&m, 7)?, NORM_EPS, &proj2.q)?;
+            let x_mod2 = b.layer_norm_modulate_for(
+                x,
+                chunk(m_img, 6)?,
+                chunk(m_img, 7)?,
+                NORM_EPS,
+                &proj2.q,
+            )?;
             let (q2, k2, v2) = proj2.project(b, &x_mod2, heads)?;
             let o2 = b.linear(&b.attention(&q2, &k2, &v2, params)?, out2)?;
             b.gated_add_layer_norm_modulate_for(
-                &x,
-                chunk(&m, 8)?,
+                &x_att,
+                chunk(m_img, 8)?,
                 &o2,
                 shift_mlp,
                 scale_mlp,
@@ -270,24 +302,47 @@ impl<B: Backend> JointBlock<B> {
                 &self.ff.up,
             )?
         };
-        let x = b.gated_add(&x, gate_mlp, &self.ff.forward(b, &h)?)?;
+        let x_mlp = self.ff.forward(b, &h)?;
 
         let (Some(to_add_out), Some(ff_context)) = (&self.to_add_out, &self.ff_context) else {
-            return Ok((x, None));
+            return Ok(BlockOut {
+                x,
+                x_mlp,
+                context: None,
+            });
         };
+        let mc = &m.context;
         let o_ctx = b.linear(&o_ctx, to_add_out)?;
         let (ctx, h) = b.gated_add_layer_norm_modulate_for(
             ctx,
-            chunk(&mc, 2)?,
+            chunk(mc, 2)?,
             &o_ctx,
-            chunk(&mc, 3)?,
-            chunk(&mc, 4)?,
+            chunk(mc, 3)?,
+            chunk(mc, 4)?,
             NORM_EPS,
             &ff_context.up,
         )?;
-        let ctx = b.gated_add(&ctx, chunk(&mc, 5)?, &ff_context.forward(b, &h)?)?;
-        Ok((x, Some(ctx)))
+        let ctx = b.gated_add(&ctx, chunk(mc, 5)?, &ff_context.forward(b, &h)?)?;
+        Ok(BlockOut {
+            x,
+            x_mlp,
+            context: Some(ctx),
+        })
     }
+}
+
+/// adaLN's modulation vectors of one block.
+struct Modulation<B: Backend> {
+    image: Vec<B::Tensor>,
+    context: Vec<B::Tensor>,
+}
+
+/// A block's image stream before its MLP residual add, that MLP's output, and the new
+/// context (`None` after the last block).
+struct BlockOut<B: Backend> {
+    x: B::Tensor,
+    x_mlp: B::Tensor,
+    context: Option<B::Tensor>,
 }
 
 /// Part `i` of an adaLN modulation (`Backend::chunks`).
@@ -540,20 +595,50 @@ impl<B: Backend> Mmdit<B> {
         let silu_temb = b.activation(&temb, Activation::Silu)?;
 
         let mut ctx = b.linear(context, &self.context_embedder)?;
-        for block in &self.blocks {
-            let (nx, nctx) = block.forward(b, &x, &ctx, &silu_temb, cfg.num_attention_heads)?;
-            x = nx;
-            if let Some(c) = nctx {
-                ctx = c;
-            }
+        let dim = b.dims(&x)[2];
+        let heads = cfg.num_attention_heads;
+        let Some(first) = self.blocks.first() else {
+            return Err(ModelError::input("the transformer has no blocks"));
+        };
+        let mut m = first.modulation(b, &silu_temb, dim)?;
+        let mut x_mod = first.image_norm(b, &x, &m)?;
+        let mut x_out = None;
+        for (i, block) in self.blocks.iter().enumerate() {
+            let out = block.forward(b, &x, &x_mod, &ctx, &m, heads)?;
+            let gate_x = chunk(&m.image, 5)?;
+            // The image stream's MLP residual add goes with the next norm: the next
+            // block's, or the output layer's.
+            let Some(next) = self.blocks.get(i + 1) else {
+                let mo = b.linear(&silu_temb, &self.norm_out)?;
+                let [scale, shift]: [B::Tensor; 2] = b
+                    .chunks(&mo, 2)?
+                    .try_into()
+                    .map_err(|_| ModelError::backend("chunks: expected 2 parts"))?;
+                let (_, xn) = b.gated_add_layer_norm_modulate(
+                    &out.x, gate_x, &out.x_mlp, &shift, &scale, NORM_EPS,
+                )?;
+                x_out = Some(xn);
+                break;
+            };
+            let nm = next.modulation(b, &silu_temb, dim)?;
+            let (nx, nx_mod) = b.gated_add_layer_norm_modulate_for(
+                &out.x,
+                gate_x,
+                &out.x_mlp,
+                chunk(&nm.image, 0)?,
+                chunk(&nm.image, 1)?,
+                NORM_EPS,
+                &next.image.q,
+            )?;
+            ctx = out.context.ok_or_else(|| {
+                ModelError::backend(format!(
+                    "transformer block {i} ended the context stream before the last block"
+                ))
+            })?;
+            (x, x_mod, m) = (nx, nx_mod, nm);
         }
-
-        let m = b.linear(&silu_temb, &self.norm_out)?;
-        let [scale, shift]: [B::Tensor; 2] = b
-            .chunks(&m, 2)?
-            .try_into()
-            .map_err(|_| ModelError::backend("chunks: expected 2 parts"))?;
-        let x = b.layer_norm_modulate(&x, &shift, &scale, NORM_EPS)?;
+        let x =
+            x_out.ok_or_else(|| ModelError::backend("the transformer's last block did not run"))?;
         let x = b.linear(&x, &self.proj_out)?;
 
         // Unpatchify: [B, gh, gw, p, p, C] -> [B, C, gh, p, gw, p].
