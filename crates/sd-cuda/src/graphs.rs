@@ -37,62 +37,65 @@ use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
 use crate::channels_last::Layout;
 use crate::{CudaError, CudaTensor, DeviceBuf, Inner, Result, Storage};
 
-/// A stream recording a graph (process-wide, for drops on any thread).
-struct Recording {
+/// The streams recording a graph, process-wide (a tensor may be dropped on any thread),
+/// with the frees other threads made meanwhile. Generic over what is freed so that its
+/// logic is tested without a GPU.
+struct Recordings<T> {
+    active: RwLock<Vec<Recording<T>>>,
+}
+
+struct Recording<T> {
     stream: usize,
     /// The threads whose frees belong to the recording.
     threads: [ThreadId; 2],
     /// Frees from other threads, made after the recording ends.
-    deferred: Mutex<Vec<Storage>>,
+    deferred: Mutex<Vec<T>>,
 }
 
-static RECORDINGS: RwLock<Vec<Recording>> = RwLock::new(Vec::new());
+impl<T> Recordings<T> {
+    const fn new() -> Self {
+        Self {
+            active: RwLock::new(Vec::new()),
+        }
+    }
 
-/// Frees a tensor's buffer, stream-ordered; or, when its stream is recording a graph
-/// and this thread is not part of the recording, keeps it for the recording to free
-/// when it ends. The free happens under the registry's read lock, which a recording's
-/// registration (made before its capture begins) waits for, so no free from another
-/// thread slips into a capture.
-pub(crate) fn free_or_defer(storage: Storage) {
-    let recordings = match RECORDINGS.read() {
-        Ok(r) => r,
-        Err(poisoned) => poisoned.into_inner(),
-    };
-    if !recordings.is_empty() {
-        let me = std::thread::current().id();
-        let stream = storage.stream_handle();
-        if let Some(r) = recordings
+    /// Frees `item` (of `stream`, dropped on thread `me`) with `free`, or keeps it when
+    /// that stream records a graph and `me` is not part of the recording. The free
+    /// happens under the read lock, which a registration (made before its capture
+    /// begins) waits for, so no free from another thread slips into a capture.
+    fn free_or_defer(&self, item: T, stream: usize, me: ThreadId, free: impl FnOnce(T)) {
+        let active = match self.active.read() {
+            Ok(r) => r,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if let Some(r) = active
             .iter()
             .find(|r| r.stream == stream && !r.threads.contains(&me))
         {
             match r.deferred.lock() {
-                Ok(mut d) => d.push(storage),
-                Err(mut poisoned) => poisoned.get_mut().push(storage),
+                Ok(mut d) => d.push(item),
+                Err(mut poisoned) => poisoned.get_mut().push(item),
             }
             return;
         }
+        free(item);
     }
-    storage.bind_context();
-    drop(storage);
-}
 
-fn register_recording(stream: usize, threads: [ThreadId; 2]) {
-    let mut r = match RECORDINGS.write() {
-        Ok(r) => r,
-        Err(poisoned) => poisoned.into_inner(),
-    };
-    r.push(Recording {
-        stream,
-        threads,
-        deferred: Mutex::new(Vec::new()),
-    });
-}
+    fn register(&self, stream: usize, threads: [ThreadId; 2]) {
+        let mut r = match self.active.write() {
+            Ok(r) => r,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        r.push(Recording {
+            stream,
+            threads,
+            deferred: Mutex::new(Vec::new()),
+        });
+    }
 
-/// Ends a stream's registration and frees what other threads dropped meanwhile (stream-
-/// ordered after the recording, outside it).
-fn unregister_recording(stream: usize) {
-    let deferred = {
-        let mut r = match RECORDINGS.write() {
+    /// Ends a stream's registration; returns what other threads dropped meanwhile.
+    fn unregister(&self, stream: usize) -> Vec<T> {
+        let mut r = match self.active.write() {
             Ok(r) => r,
             Err(poisoned) => poisoned.into_inner(),
         };
@@ -104,10 +107,33 @@ fn unregister_recording(stream: usize) {
                 .unwrap_or_else(|p| p.into_inner()),
             None => Vec::new(),
         }
-    };
-    for storage in deferred {
-        storage.bind_context();
-        drop(storage);
+    }
+}
+
+static RECORDINGS: Recordings<Storage> = Recordings::new();
+
+fn free_storage(storage: Storage) {
+    storage.bind_context();
+    drop(storage);
+}
+
+/// Frees a tensor's buffer, stream-ordered; or, while its stream records a graph and
+/// this thread is not part of the recording, keeps it for the recording to free when it
+/// ends (inside the capture, the free would break it).
+pub(crate) fn free_or_defer(storage: Storage) {
+    let stream = storage.stream_handle();
+    RECORDINGS.free_or_defer(storage, stream, std::thread::current().id(), free_storage);
+}
+
+fn register_recording(stream: usize, threads: [ThreadId; 2]) {
+    RECORDINGS.register(stream, threads);
+}
+
+/// Ends a stream's registration and frees what other threads dropped meanwhile (stream-
+/// ordered after the recording, outside it).
+fn unregister_recording(stream: usize) {
+    for storage in RECORDINGS.unregister(stream) {
+        free_storage(storage);
     }
 }
 
@@ -592,6 +618,32 @@ mod tests {
         assert!(!parse_graphs_setting("off").unwrap());
         let e = parse_graphs_setting("yes").unwrap_err().to_string();
         assert!(e.contains("SD_CUDA_GRAPHS") && e.contains("\"yes\""), "{e}");
+    }
+
+    #[test]
+    fn frees_from_outside_a_recording_wait_for_its_end() {
+        let reg: Recordings<u32> = Recordings::new();
+        let me = std::thread::current().id();
+        let other = std::thread::spawn(|| std::thread::current().id())
+            .join()
+            .expect("thread");
+        let freed = std::cell::RefCell::new(Vec::new());
+        let free = |v: u32| freed.borrow_mut().push(v);
+        // Nothing recording: freed at once.
+        reg.free_or_defer(1, 10, other, free);
+        reg.register(10, [me, me]);
+        // A participating thread: freed at once (inside the recording, where it belongs).
+        reg.free_or_defer(2, 10, me, free);
+        // Another stream: freed at once.
+        reg.free_or_defer(3, 11, other, free);
+        // Another thread on the recording stream: kept.
+        reg.free_or_defer(4, 10, other, free);
+        reg.free_or_defer(5, 10, other, free);
+        assert_eq!(*freed.borrow(), vec![1, 2, 3]);
+        assert_eq!(reg.unregister(10), vec![4, 5]);
+        assert!(reg.unregister(10).is_empty(), "unregistered once");
+        reg.free_or_defer(6, 10, other, free);
+        assert_eq!(*freed.borrow(), vec![1, 2, 3, 6]);
     }
 
     #[test]
