@@ -108,6 +108,9 @@ EOF
     if grep -q "capture failed" "$W/serve-graphs.err"; then
         echo "FAIL cuda graphs: a capture failed:"; grep "capture failed" "$W/serve-graphs.err"; status=1
     fi
+    n=$(grep -c "CUDA graph recorded" "$W/serve-graphs.err")
+    [[ $n -ge 1 ]] && echo "PASS cuda graphs: $n graph(s) recorded by the server" || \
+        { echo "FAIL cuda graphs: the server recorded no graph"; status=1; }
     kill -TERM $srv; wait $srv
     echo "=== exit $status"
     exit $status

@@ -112,6 +112,10 @@ impl<T> Recordings<T> {
 
 static RECORDINGS: Recordings<Storage> = Recordings::new();
 
+/// Buffers freed after a recording ended because another thread dropped them during it
+/// (process-wide; for tests).
+static DEFERRED_FREES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 fn free_storage(storage: Storage) {
     storage.bind_context();
     drop(storage);
@@ -134,6 +138,7 @@ fn register_recording(stream: usize, threads: [ThreadId; 2]) {
 fn unregister_recording(stream: usize) {
     for storage in RECORDINGS.unregister(stream) {
         free_storage(storage);
+        DEFERRED_FREES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 }
 
@@ -242,6 +247,9 @@ pub struct GraphStats {
     pub replays: u64,
     /// Captures so far (including failed ones).
     pub captures: u64,
+    /// Buffers other threads dropped during a recording, freed after it (process-wide,
+    /// never reset).
+    pub deferred_frees: u64,
 }
 
 impl Inner {
@@ -305,6 +313,10 @@ impl Inner {
         inputs: &[&CudaTensor],
         caller: ThreadId,
     ) -> Result<Begin> {
+        // Another thread may have switched graphs off or profiling on since the decision.
+        if !self.graphs_on.get() || self.profile.borrow().is_some() {
+            return Ok(Begin::Decided);
+        }
         let out_spec = match self.graphs.borrow().entries.get(key) {
             Some(Entry::Seen(spec)) => spec.clone(),
             _ => return Ok(Begin::Decided),
@@ -339,8 +351,10 @@ impl Inner {
         // inside the capture would record a free the graph does not own.
         self.quant_cache.borrow_mut().take();
         // A stale error recorded by some earlier free would make cudarc's capture calls
-        // return before doing anything.
-        let _ = self.ctx.check_err();
+        // return before doing anything: report it, then clear it.
+        if let Err(e) = self.ctx.check_err() {
+            tracing::warn!(error = ?e, "an earlier asynchronous CUDA error was pending");
+        }
         self.ctx.bind_to_thread()?;
         let stream = self.stream.cu_stream() as usize;
         register_recording(stream, [std::thread::current().id(), caller]);
@@ -448,6 +462,7 @@ impl Inner {
                 );
                 self.evict_graphs(&mut graphs);
                 drop(graphs);
+                tracing::info!(forward = %key.name, inputs = ?key.inputs.iter().map(|s| &s.shape).collect::<Vec<_>>(), "CUDA graph recorded");
                 // The eager runs' activations stay cached in the stream-ordered pool;
                 // the graph has its own, so give the pool's unused memory back.
                 self.trim_pool();
@@ -489,7 +504,15 @@ impl Inner {
             // A launch may still be running: let it finish before its graph goes.
             let _ = self.stream.synchronize();
             graphs.entries.remove(&oldest);
+            self.trim_graph_memory();
         }
+    }
+
+    /// Hands the memory the driver keeps for graphs no longer alive back to the device
+    /// (it stays cached for graphs otherwise, out of reach of everything else).
+    fn trim_graph_memory(&self) {
+        // SAFETY: a trim of this context's device; only memory no graph uses goes.
+        let _ = unsafe { cudarc::driver::sys::cuDeviceGraphMemTrim(self.ctx.cu_device()) };
     }
 
     fn trim_pool(&self) {
@@ -514,6 +537,7 @@ impl Inner {
                 .count(),
             replays,
             captures,
+            deferred_frees: DEFERRED_FREES.load(std::sync::atomic::Ordering::Relaxed),
         }
     }
 
@@ -530,6 +554,8 @@ impl Inner {
         // A launch may still be running: let it finish before its graph goes.
         self.stream.synchronize()?;
         graphs.entries.clear();
+        drop(graphs);
+        self.trim_graph_memory();
         Ok(())
     }
 

@@ -114,13 +114,13 @@ fn host_ids<B: Backend + ?Sized>(b: &B, ids: &B::Tensor) -> Result<(Vec<u32>, us
     Ok((ids, h.shape[0], h.shape[1]))
 }
 
+/// A forward `Backend::replayable` may record: input tensors in, one tensor out.
+pub type ReplayableForward<'a, T> = dyn Fn(&[&T]) -> Result<T> + 'a;
+
 /// A backend executes the model's operations on its own tensors.
 ///
 /// Shapes are given as `[dims]` in the docs of each method; all tensors are f32 in
 /// meaning (a backend may store BF16 or FP8 underneath).
-/// A forward `Backend::replayable` may record: input tensors in, one tensor out.
-pub type ReplayableForward<'a, T> = dyn Fn(&[&T]) -> Result<T> + 'a;
-
 pub trait Backend: Send + Sync {
     type Tensor: Clone + Send + Sync;
     /// A linear layer prepared for this backend (e.g. FP8 weights pre-transposed).
