@@ -4119,8 +4119,10 @@ impl CudaBackend {
             };
             use cudarc::driver::sys::CUgraphMem_attribute as G;
             Ok(MemoryStats {
-                graph_peak_used: graph(G::CU_GRAPH_MEM_ATTR_USED_MEM_HIGH)?,
-                graph_reserved: graph(G::CU_GRAPH_MEM_ATTR_RESERVED_MEM_CURRENT)?,
+                // Best effort: a driver without graph memory attributes has no graph
+                // memory to report, and the pool's figures must not fail with them.
+                graph_peak_used: graph(G::CU_GRAPH_MEM_ATTR_USED_MEM_HIGH).unwrap_or(0),
+                graph_reserved: graph(G::CU_GRAPH_MEM_ATTR_RESERVED_MEM_CURRENT).unwrap_or(0),
                 peak_used: get(P::CU_MEMPOOL_ATTR_USED_MEM_HIGH)?,
                 used: get(P::CU_MEMPOOL_ATTR_USED_MEM_CURRENT)?,
                 peak_reserved: get(P::CU_MEMPOOL_ATTR_RESERVED_MEM_HIGH)?,
@@ -4159,14 +4161,15 @@ impl CudaBackend {
                 G::CU_GRAPH_MEM_ATTR_RESERVED_MEM_HIGH,
             ] {
                 let mut zero = 0u64;
-                // SAFETY: resetting a u64 high-water mark of this context's device.
-                unsafe {
+                // SAFETY: resetting a u64 high-water mark of this context's device
+                // (best effort, as in `memory_stats`).
+                let _ = unsafe {
                     cudarc::driver::sys::cuDeviceSetGraphMemAttribute(
                         i.ctx.cu_device(),
                         a,
                         &mut zero as *mut u64 as *mut c_void,
                     )
-                    .result()?
+                    .result()
                 };
             }
             Ok(())
