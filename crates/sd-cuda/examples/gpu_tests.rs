@@ -791,6 +791,20 @@ fn tiny_plan(ckpt: &Checkpoint) -> R<PrecisionPlan> {
     Ok(plan)
 }
 
+/// The tiny-model generation every image check runs (256x256, 4 steps, seed 7).
+fn tiny_request(guidance: f32) -> GenerateRequest {
+    GenerateRequest {
+        prompt: "a red circle on the left, a small blue square, green background".into(),
+        width: 256,
+        height: 256,
+        steps: 4,
+        guidance_scale: guidance,
+        max_sequence_length: 64,
+        seed: 7,
+        ..Default::default()
+    }
+}
+
 fn generate<B: Backend>(ckpt: &Checkpoint, b: B, plan: &PrecisionPlan) -> R<(Vec<f32>, f64)> {
     generate_g(ckpt, b, plan, 5.0)
 }
@@ -802,18 +816,8 @@ fn generate_g<B: Backend>(
     guidance: f32,
 ) -> R<(Vec<f32>, f64)> {
     let p = Sd3Pipeline::load(ckpt, b, plan)?;
-    let request = GenerateRequest {
-        prompt: "a red circle on the left, a small blue square, green background".into(),
-        width: 256,
-        height: 256,
-        steps: 4,
-        guidance_scale: guidance,
-        max_sequence_length: 64,
-        seed: 7,
-        ..Default::default()
-    };
     let t = Instant::now();
-    let g = p.generate(request, &mut |_, _| {})?;
+    let g = p.generate(tiny_request(guidance), &mut |_, _| {})?;
     Ok((g.image.float, t.elapsed().as_secs_f64()))
 }
 
@@ -1065,16 +1069,7 @@ fn graph_checks(rep: &mut Report, g: &CudaBackend, fp8: bool) -> R<()> {
 /// the eager generation bit for bit (same backend, same plan).
 fn graph_pipeline(rep: &mut Report, ckpt: &Checkpoint, plan: &PrecisionPlan, name: &str) -> R<()> {
     let p = Sd3Pipeline::load(ckpt, CudaBackend::new(0, CudaPrecision::Fp8)?, plan)?;
-    let request = || GenerateRequest {
-        prompt: "a red circle on the left, a small blue square, green background".into(),
-        width: 256,
-        height: 256,
-        steps: 4,
-        guidance_scale: 5.0,
-        max_sequence_length: 64,
-        seed: 7,
-        ..Default::default()
-    };
+    let request = || tiny_request(5.0);
     p.backend.set_cuda_graphs(false)?;
     let eager = p.generate(request(), &mut |_, _| {})?;
     p.backend.set_cuda_graphs(true)?;

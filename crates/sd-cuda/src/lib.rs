@@ -2763,6 +2763,9 @@ impl Inner {
             block_dim: (fk.threads, 1, 1),
             shared_mem_bytes: fk.shared_bytes,
         };
+        // The two kernel families take K and V differently: the TMA kernels as tensor
+        // maps ahead of everything else, the others as pointers next to their Q.
+        let mut args = Vec::with_capacity(14);
         if fk.tma {
             // K and V of each segment through a tensor map; an absent second segment
             // repeats the first's (no tile of it is ever loaded).
@@ -2773,34 +2776,20 @@ impl Inner {
             } else {
                 (k1m, v1m)
             };
-            self.launch(
-                fk.name,
-                cfg,
-                &[
-                    Arg::Tma(k1m),
-                    Arg::Tma(v1m),
-                    Arg::Tma(k2m),
-                    Arg::Tma(v2m),
-                    Arg::P(self.tp(q)),
-                    Arg::P(self.sptr(&out1)),
-                    Arg::I(sq1 as i32),
-                    Arg::I(sk1 as i32),
-                    Arg::P(self.tp(q2)),
-                    Arg::P(o2),
-                    Arg::I(sq2 as i32),
-                    Arg::I(sk2 as i32),
-                    Arg::I(heads as i32),
-                    Arg::F(scale),
-                ],
-            )?;
-            let o1 = self.wrap(q.shape.clone(), out1);
-            let o2 = out2.map(|o| self.wrap(q2.shape.clone(), o));
-            return Ok((o1, o2));
-        }
-        self.launch(
-            fk.name,
-            cfg,
-            &[
+            args.extend([
+                Arg::Tma(k1m),
+                Arg::Tma(v1m),
+                Arg::Tma(k2m),
+                Arg::Tma(v2m),
+                Arg::P(self.tp(q)),
+                Arg::P(self.sptr(&out1)),
+                Arg::I(sq1 as i32),
+                Arg::I(sk1 as i32),
+                Arg::P(self.tp(q2)),
+                Arg::P(o2),
+            ]);
+        } else {
+            args.extend([
                 Arg::P(self.tp(q)),
                 Arg::P(self.tp(k)),
                 Arg::P(self.tp(v)),
@@ -2811,12 +2800,15 @@ impl Inner {
                 Arg::P(self.tp(k2)),
                 Arg::P(self.tp(v2)),
                 Arg::P(o2),
-                Arg::I(sq2 as i32),
-                Arg::I(sk2 as i32),
-                Arg::I(heads as i32),
-                Arg::F(scale),
-            ],
-        )?;
+            ]);
+        }
+        args.extend([
+            Arg::I(sq2 as i32),
+            Arg::I(sk2 as i32),
+            Arg::I(heads as i32),
+            Arg::F(scale),
+        ]);
+        self.launch(fk.name, cfg, &args)?;
         let o1 = self.wrap(q.shape.clone(), out1);
         let o2 = out2.map(|o| self.wrap(q2.shape.clone(), o));
         Ok((o1, o2))
